@@ -1,0 +1,338 @@
+"""One frozen `Config` for the whole daemon, with two presets.
+
+Sources, later ones winning: preset defaults (`lan()` unless `preset = "local"`), the TOML file
+(`/etc/houndd/houndd.toml` or `--config`), `HOUNDD_<KEY>` environment variables, CLI flags.
+Every field documents its unit in its name and its reason in its docstring-like `doc`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from houndd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/houndd/houndd.toml")
+DEFAULT_PORT = 7480
+ENV_PREFIX = "HOUNDD_"
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/houndd"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "houndd")
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a node needs to know. Construct through `lan()`, `local()` or `load()`."""
+
+    # --- identity and placement (the interface contract of DESIGN section 8) ---
+    node_name: str = _doc("this node's name (default: hostname)", default="")
+    state_dir: str = _doc("keys and the SQLite store", default_factory=_default_state_dir)
+    bind: str = _doc("address for HTTP (TCP) and gossip (UDP)", default="0.0.0.0")
+    port: int = _doc("port for HTTP (TCP) and gossip (UDP)", default=DEFAULT_PORT)
+    advertise: str = _doc(
+        "address peers should use (default: address of the mDNS interface or of the default route)",
+        default="",
+    )
+    mdns: bool = _doc("advertise and browse _houndd._tcp.local.", default=True)
+    interfaces: tuple[str, ...] = _doc(
+        "interface addresses for mDNS (default: the default-route interface only)", default=()
+    )
+    seeds: tuple[str, ...] = _doc("host:port peers to join without mDNS", default=())
+    docker_host: str = _doc(
+        "Docker endpoint (default: DOCKER_HOST or unix:///var/run/docker.sock)", default=""
+    )
+    cluster_key_file: str = _doc("cluster key file (default: state_dir/cluster.key)", default="")
+    labels: Mapping[str, str] = _doc("labels of this node", default_factory=dict)
+    preset: str = _doc("timing preset: lan (default) or local (fast, for tests)", default="lan")
+    plan_replicas: int = _doc("durable copies before a plan is acknowledged", default=2)
+
+    # --- API ---
+    api_tokens: tuple[str, ...] = _doc(
+        "extra accepted API bearer tokens besides the one derived from the cluster key", default=()
+    )
+    tls_cert_file: str = _doc("PEM certificate for the HTTP API (empty: plain HTTP)", default="")
+    tls_key_file: str = _doc("PEM private key for the HTTP API", default="")
+    max_http_body_bytes: int = _doc(
+        "cap on any HTTP request body; caps memory a client or peer can force", default=1 << 20
+    )
+    submit_wait_s: float = _doc(
+        "how long a submission waits for a coordinator before answering 503", default=5.0
+    )
+    log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+
+    # --- membership (SWIM with Lifeguard suspicion) ---
+    probe_interval_s: float = _doc("one probe per interval; bounds detection time", default=1.0)
+    probe_timeout_s: float = _doc("direct probe wait before asking others", default=0.5)
+    indirect_probes: int = _doc("members asked to probe on our behalf", default=3)
+    suspicion_mult: float = _doc(
+        "suspicion timeout = mult * log10(N+1) * probe interval (min 1x)", default=4.0
+    )
+    suspicion_max_mult: float = _doc(
+        "Lifeguard: the timeout starts at max_mult x the min and shrinks with confirmations",
+        default=2.0,
+    )
+    gossip_interval_s: float = _doc("piggyback-only gossip round", default=0.2)
+    gossip_fanout: int = _doc("members per gossip round", default=3)
+    retransmit_mult: int = _doc("each update is sent mult * log10(N+1) times", default=4)
+    push_pull_interval_s: float = _doc("full state sync with one random member", default=30.0)
+    join_retry_s: float = _doc("retry interval for seeds and mDNS candidates", default=2.0)
+    dead_reap_s: float = _doc("forget dead members after this long", default=3600.0)
+
+    # --- election and replication ---
+    heartbeat_interval_s: float = _doc("coordinator heartbeat period", default=0.25)
+    coordinator_timeout_s: float = _doc(
+        "no heartbeat for this long: the coordinator is dead to this node", default=1.0
+    )
+    election_timeout_min_s: float = _doc("randomized election delay, lower bound", default=0.1)
+    election_timeout_max_s: float = _doc("randomized election delay, upper bound", default=0.5)
+    anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=2.0)
+    peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
+    node_return_timeout_s: float = _doc(
+        "items of a dead target fail with 'node unavailable' after this long", default=300.0
+    )
+
+    # --- wire security ---
+    signing_key_rotation_s: float = _doc("signing key lifetime before rotation", default=3600.0)
+    signing_key_grace_s: float = _doc("a retired signing key is accepted this long", default=60.0)
+    replay_window_s: float = _doc("accepted clock skew of message timestamps", default=30.0)
+    max_udp_bytes: int = _doc("cap on a gossip datagram", default=65536)
+    peer_rate_limit_per_s: float = _doc(
+        "messages per second accepted from one source address before dropping", default=500.0
+    )
+
+    # --- puller ---
+    progress_interval_s: float = _doc("pull progress reported at most this often", default=0.5)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def cluster_key_path(self) -> Path:
+        return Path(self.cluster_key_file) if self.cluster_key_file else self.state_path / "cluster.key"
+
+    @property
+    def identity_key_path(self) -> Path:
+        return self.state_path / "identity.key"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_path / "houndd.db"
+
+    @property
+    def effective_node_name(self) -> str:
+        return self.node_name or socket.gethostname()
+
+    @property
+    def effective_docker_host(self) -> str:
+        return self.docker_host or os.environ.get("DOCKER_HOST", "") or "unix:///var/run/docker.sock"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_LOCAL_TIMINGS: dict[str, Any] = {
+    # Tens of milliseconds: processes on one host, tests and simulation.
+    "probe_interval_s": 0.1,
+    "probe_timeout_s": 0.05,
+    "gossip_interval_s": 0.03,
+    "push_pull_interval_s": 1.0,
+    "join_retry_s": 0.2,
+    "heartbeat_interval_s": 0.05,
+    "coordinator_timeout_s": 0.4,
+    "election_timeout_min_s": 0.05,
+    "election_timeout_max_s": 0.2,
+    "anti_entropy_interval_s": 0.3,
+    "peer_request_timeout_s": 2.0,
+    "node_return_timeout_s": 20.0,
+    "submit_wait_s": 3.0,
+    "progress_interval_s": 0.2,
+}
+
+PRESETS = ("lan", "local")
+
+
+def lan(**overrides: Any) -> Config:
+    """Defaults for a LAN of Docker hosts."""
+    return Config(**{"preset": "lan", **overrides})
+
+
+def local(**overrides: Any) -> Config:
+    """Fast timings for processes on one machine (tests, simulation, demos)."""
+    return Config(**{"preset": "local", **_LOCAL_TIMINGS, **overrides})
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every config key, for the README and `houndd config`."""
+    defaults = lan()
+    rows = []
+    for f in dataclasses.fields(Config):
+        rows.append((f.name, repr(getattr(defaults, f.name)), str(f.metadata.get("doc", ""))))
+    return rows
+
+
+def _validate(c: Config) -> None:
+    if c.preset not in PRESETS:
+        raise ConfigError("preset", f"expected one of {', '.join(PRESETS)}, got {c.preset!r}")
+    if not 0 < c.port < 65536:
+        raise ConfigError("port", f"expected 1..65535, got {c.port}")
+    if c.plan_replicas < 1:
+        raise ConfigError("plan_replicas", f"expected >= 1, got {c.plan_replicas}")
+    if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {c.log_level!r}")
+    for f in dataclasses.fields(Config):
+        value = getattr(c, f.name)
+        if f.name.endswith("_s") and not value > 0:
+            raise ConfigError(f.name, f"expected a positive number of seconds, got {value}")
+    if c.election_timeout_min_s > c.election_timeout_max_s:
+        raise ConfigError("election_timeout_min_s", "must not exceed election_timeout_max_s")
+    if c.probe_timeout_s >= c.probe_interval_s:
+        raise ConfigError("probe_timeout_s", "must be smaller than probe_interval_s")
+    for seed in c.seeds:
+        host, sep, port = seed.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("seeds", f"expected host:port entries, got {seed!r}")
+    if bool(c.tls_cert_file) != bool(c.tls_key_file):
+        raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
+    for k, v in c.labels.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ConfigError("labels", "expected a table of string = string")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, tp: Any, value: Any, *, from_text: bool) -> Any:
+    """Check (TOML) or parse (environment, flags) one value against the field's type."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if from_text and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected a boolean, got {value!r}")
+    if tp is int:
+        if from_text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if from_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if origin is tuple:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    if origin in (Mapping, dict) or tp is Mapping:
+        if from_text and isinstance(value, str):
+            out: dict[str, str] = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                k, sep, v = part.partition("=")
+                if not sep or not k:
+                    raise ConfigError(key, f"expected k=v[,k=v], got {value!r}")
+                out[k.strip()] = v.strip()
+            return types.MappingProxyType(out)
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return types.MappingProxyType(dict(value))
+        raise ConfigError(key, f"expected a table of string = string, got {value!r}")
+    raise ConfigError(key, f"unsupported type {tp!r}")  # a bug in Config, not user input
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from preset, TOML file, environment and flag overrides.
+
+    `path=None` reads `/etc/houndd/houndd.toml` if it exists (else nothing), or the file
+    named by `HOUNDD_CONFIG`. An explicit path that does not exist is an error.
+    """
+    env = os.environ if env is None else env
+    types_ = _field_types()
+    values: dict[str, Any] = {}
+
+    explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
+    file_path = Path(path) if path is not None else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    if file_path.exists():
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(file_path), f"not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(str(file_path), f"cannot read: {e.strerror}") from None
+        for key, value in data.items():
+            if key not in types_:
+                raise ConfigError(key, f"unknown key in {file_path}")
+            values[key] = _coerce(key, types_[key], value, from_text=False)
+    elif explicit:
+        raise ConfigError(str(file_path), "config file not found")
+
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in types_:
+            continue  # HOUNDD_* variables of other tools (HOUNDD_API, ...) are not config keys
+        values[key] = _coerce(key, types_[key], raw, from_text=True)
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in types_:
+            raise ConfigError(key, "unknown key")
+        values[key] = _coerce(key, types_[key], value, from_text=isinstance(value, str))
+
+    preset = values.get("preset", "lan")
+    if preset == "local":
+        return local(**values)
+    if preset == "lan":
+        return lan(**values)
+    raise ConfigError("preset", f"expected one of {', '.join(PRESETS)}, got {preset!r}")

@@ -1,0 +1,70 @@
+"""The one error root of houndd and its public subclasses.
+
+Each class also inherits the built-in exception a caller would naturally catch
+(aiohttp style), and messages name what to do next.
+"""
+
+from __future__ import annotations
+
+
+class HounddError(Exception):
+    """Root of every error houndd raises on purpose."""
+
+
+class ConfigError(HounddError, ValueError):
+    """Invalid configuration: names the key and what was expected."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config {key}: {message}")
+        self.key = key
+
+
+class KeyFileError(HounddError, PermissionError):
+    """A secret file is missing, malformed or readable by group/others."""
+
+
+class WireError(HounddError, ValueError):
+    """Malformed, unauthenticated, replayed or oversize peer message."""
+
+
+class PlanError(HounddError, ValueError):
+    """An invalid plan document. `field` is a dotted path like `targets[0].images[1]`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+class FencedError(HounddError):
+    """A coordinator message carried a term lower than the highest one seen."""
+
+
+class NoCoordinatorError(HounddError, TimeoutError):
+    """No coordinator is known yet (election in progress); retry later."""
+
+
+class ReplicationError(HounddError):
+    """A plan could not be stored on enough nodes to be acknowledged."""
+
+
+class PullError(HounddError):
+    """A pull failed. `reason` is a short stable name shown to users
+    (manifest unknown, unauthorized, no space, timeout, registry unreachable, ...)."""
+
+    def __init__(self, reason: str, detail: str = "", *, transient: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.transient = transient
+
+
+class PullTimeout(PullError, TimeoutError):
+    """A pull did not finish within the plan's per-image timeout."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("timeout", detail, transient=True)
+
+
+class EngineUnavailable(HounddError, ConnectionError):
+    """The Docker engine cannot be reached."""

@@ -1,0 +1,3 @@
+"""Shared pytest setup. Area fixtures live in tests/fixtures/ and per-area conftest files."""
+
+pytest_plugins = ["tests.fixtures.docker"]
