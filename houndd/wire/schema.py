@@ -1,0 +1,312 @@
+"""Strict (de)serialisation of payload dataclasses to and from msgpack-ready values.
+
+`encode(obj)` turns a dataclass into a dict of plain values (str, int, float, bool, bytes, None,
+lists and dicts). `decode(cls, obj)` checks a decoded msgpack value against the field types of
+`cls` and builds it, refusing unknown fields, missing required fields and wrong types with a
+`SchemaError` that names the path of the offending field, like `items[2].digest`.
+
+Supported field types: str, int, float (an int is accepted), bool (never an int), bytes, None,
+`X | None` and other unions, `Literal[...]`, `list[X]`, `tuple[X, ...]` and fixed tuples,
+`dict[str, X]` / `Mapping[str, X]`, IntEnum / StrEnum (any Enum with int or str values), nested
+dataclasses and `Any` (passed through unchecked). Fields with a default may be omitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+from houndd.errors import WireError
+
+T = TypeVar("T")
+
+_Decoder = Callable[[object, str], Any]
+
+_KIND_NAMES = {"NoneType": "nil", "dict": "map", "list": "array", "tuple": "array"}
+
+
+class SchemaError(WireError):
+    """A payload does not match its schema. `field` is the path (`items[2].digest`; empty for
+    the payload itself) and `problem` what is wrong with it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field or 'payload'}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def encode(obj: object) -> dict[str, Any]:
+    """Turn a dataclass instance into a dict of msgpack-ready values.
+
+    Enums become their values, tuples become lists, nested dataclasses become dicts.
+    A value that cannot go on the wire raises TypeError (a bug in the caller, not bad input).
+    """
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"schema.encode expects a dataclass instance, got {type(obj).__name__}")
+    return cast(dict[str, Any], _encode_value(obj))
+
+
+def decode(cls: type[T], obj: object) -> T:
+    """Build a `cls` (a dataclass) from a decoded msgpack value, strictly.
+
+    Raises `SchemaError` (a `WireError`) naming the field path on an unknown field, a missing
+    field without default, or a value of the wrong type.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"schema.decode expects a dataclass type, got {cls!r}")
+    return cast(T, _decoder_for(cls)(obj, ""))
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def _encode_value(value: object) -> Any:
+    if isinstance(value, enum.Enum):
+        # First: an IntEnum is an int and a StrEnum a str, but they go out as plain ones.
+        inner = value.value
+        if isinstance(inner, bool) or not isinstance(inner, int | str):
+            raise TypeError(f"cannot encode enum {value!r}: values must be int or str")
+        return int(inner) if isinstance(inner, int) else str(inner)
+    if value is None or isinstance(value, bool | str | bytes):
+        return value
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _encode_value(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+    if isinstance(value, list | tuple):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"cannot encode map key {k!r}: keys must be str")
+            out[k] = _encode_value(v)
+        return out
+    raise TypeError(f"cannot encode a {type(value).__name__} on the wire")
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _kind(value: object) -> str:
+    name = type(value).__name__
+    return _KIND_NAMES.get(name, name)
+
+
+def _child(path: str, name: str) -> str:
+    name = _clip(name)
+    return f"{path}.{name}" if path else name
+
+
+def _clip(name: str) -> str:
+    # Names in paths may come from a peer: keep error messages (and logs) bounded.
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    type: Any
+    required: bool
+
+
+@functools.cache
+def _fields_of(cls: type) -> tuple[dict[str, _Field], tuple[_Field, ...]]:
+    # Cached per class: get_type_hints resolves string annotations, which is slow.
+    hints = typing.get_type_hints(cls)
+    fields = tuple(
+        _Field(
+            name=f.name,
+            type=hints[f.name],
+            required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+        if f.init
+    )
+    return {f.name: f for f in fields}, fields
+
+
+# Bounded by the number of distinct types in the program, not by input.
+@functools.cache
+def _decoder_for(tp: Any) -> _Decoder:
+    if tp is Any or tp is object:
+        return lambda value, path: value
+    if tp is type(None) or tp is None:
+        return _decode_none
+    if tp is bool:
+        return _decode_bool
+    if tp is int:
+        return _decode_int
+    if tp is float:
+        return _decode_float
+    if tp is str:
+        return _decode_str
+    if tp is bytes:
+        return _decode_bytes
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return functools.partial(_decode_enum, tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return functools.partial(_decode_dataclass, tp)
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return functools.partial(_decode_union, args)
+    if origin is typing.Literal:
+        return functools.partial(_decode_literal, args)
+    if origin in (list, Sequence):
+        (item,) = args or (Any,)
+        return functools.partial(_decode_list, item)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return functools.partial(_decode_var_tuple, args[0])
+        return functools.partial(_decode_fixed_tuple, args)
+    if origin in (dict, Mapping):
+        key, item = args or (str, Any)
+        if key is not str:
+            raise TypeError(f"schema: map keys must be str, got {tp!r}")
+        return functools.partial(_decode_map, item)
+    raise TypeError(f"schema: unsupported field type {tp!r}")
+
+
+def _decode_none(value: object, path: str) -> None:
+    if value is not None:
+        raise SchemaError(path, f"expected nil, got {_kind(value)}")
+
+
+def _decode_bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise SchemaError(path, f"expected a boolean, got {_kind(value)}")
+    return value
+
+
+def _decode_int(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SchemaError(path, f"expected an integer, got {_kind(value)}")
+    return value
+
+
+def _decode_float(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SchemaError(path, f"expected a number, got {_kind(value)}")
+    number = float(value)
+    # NaN compares false with everything: one in a timestamp or a size would slip past bounds.
+    if not math.isfinite(number):
+        raise SchemaError(path, "expected a finite number")
+    return number
+
+
+def _decode_str(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise SchemaError(path, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _decode_bytes(value: object, path: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise SchemaError(path, f"expected binary data, got {_kind(value)}")
+    return value
+
+
+def _decode_enum(cls: type[enum.Enum], value: object, path: str) -> enum.Enum:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SchemaError(path, f"expected a {cls.__name__} value, got {_kind(value)}")
+    member = cls._value2member_map_.get(value)
+    if member is None:
+        shown = repr(value) if isinstance(value, int) or len(value) <= 40 else "a long string"
+        raise SchemaError(path, f"{shown} is not a known {cls.__name__}")
+    return member
+
+
+def _decode_union(arms: tuple[Any, ...], value: object, path: str) -> Any:
+    if value is None and type(None) in arms:
+        return None
+    candidates = [a for a in arms if a is not type(None)]
+    first_error: SchemaError | None = None
+    for arm in candidates:
+        try:
+            return _decoder_for(arm)(value, path)
+        except SchemaError as e:
+            first_error = first_error or e
+    if len(candidates) == 1 and first_error is not None:
+        raise first_error
+    names = " or ".join(getattr(a, "__name__", repr(a)) for a in arms)
+    raise SchemaError(path, f"expected {names}, got {_kind(value)}")
+
+
+def _decode_literal(allowed: tuple[Any, ...], value: object, path: str) -> Any:
+    for option in allowed:
+        if value == option and type(value) is type(option):
+            return option
+    shown = ", ".join(repr(a) for a in allowed)
+    raise SchemaError(path, f"expected one of {shown}")
+
+
+def _decode_list(item: Any, value: object, path: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise SchemaError(path, f"expected an array, got {_kind(value)}")
+    decode_item = _decoder_for(item)
+    return [decode_item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _decode_var_tuple(item: Any, value: object, path: str) -> tuple[Any, ...]:
+    return tuple(_decode_list(item, value, path))
+
+
+def _decode_fixed_tuple(items: tuple[Any, ...], value: object, path: str) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise SchemaError(path, f"expected an array, got {_kind(value)}")
+    if len(value) != len(items):
+        raise SchemaError(path, f"expected {len(items)} items, got {len(value)}")
+    pairs = enumerate(zip(items, value, strict=True))
+    return tuple(_decoder_for(t)(v, f"{path}[{i}]") for i, (t, v) in pairs)
+
+
+def _decode_map(item: Any, value: object, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SchemaError(path, f"expected a map, got {_kind(value)}")
+    decode_item = _decoder_for(item)
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise SchemaError(path, f"expected string keys, got {_kind(k)}")
+        out[k] = decode_item(v, f"{path}[{_clip(k)!r}]")
+    return out
+
+
+def _decode_dataclass(cls: type, value: object, path: str) -> object:
+    if not isinstance(value, dict):
+        raise SchemaError(path, f"expected a map, got {_kind(value)}")
+    by_name, fields = _fields_of(cls)
+    for key in value:
+        if not isinstance(key, str):
+            raise SchemaError(path, f"expected string keys, got {_kind(key)}")
+        if key not in by_name:
+            known = ", ".join(by_name)
+            raise SchemaError(_child(path, key), f"unknown field (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        if f.name in value:
+            kwargs[f.name] = _decoder_for(f.type)(value[f.name], _child(path, f.name))
+        elif f.required:
+            raise SchemaError(_child(path, f.name), "missing required field")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        # A __post_init__ that validates its values: report it at this object's path.
+        field = getattr(e, "field", None)
+        if isinstance(field, str) and field:
+            raise SchemaError(_child(path, field), getattr(e, "reason", str(e))) from None
+        raise SchemaError(path, str(e)) from None

@@ -1,0 +1,60 @@
+"""Message types and the refusal error of the wire protocol."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from houndd.errors import WireError
+
+
+class MsgType(IntEnum):
+    """Peer message types.
+
+    Only append: the values are on the wire, and nodes running different versions of houndd
+    must agree on them during a rolling upgrade. Never renumber or reuse a value.
+    """
+
+    PING = 1
+    PING_REQ = 2
+    ACK = 3
+    NACK = 4
+    ALIVE = 5
+    SUSPECT = 6
+    DEAD = 7
+    PUSH_PULL = 8
+    PUSH_PULL_REPLY = 9
+    HEARTBEAT = 10
+    VOTE_REQUEST = 11
+    VOTE_REPLY = 12
+    PLAN_PUT = 13
+    PLAN_ACK = 14
+    PLAN_FORWARD = 15
+    PLAN_FORWARD_REPLY = 16
+    DISPATCH = 17
+    DISPATCH_REPLY = 18
+    RESULTS = 19
+    RESULTS_ACK = 20
+    SYNC_DIGEST = 21
+    SYNC_ITEMS = 22
+    KEYRING_OP = 23
+    KEYRING_REPLY = 24
+    LABELS_SET = 25
+    LABELS_REPLY = 26
+    CANCEL = 27
+    CANCEL_REPLY = 28
+    GOSSIP = 29
+    ERROR_REPLY = 30
+    FENCED = 31
+    PLAN_ABORT = 32
+    ABORT = 33
+
+
+class WireRefused(WireError):
+    """A peer message was refused. `reason` is a short stable name used as a metrics label
+    (`oversize`, `unknown_key`, `decrypt`, `malformed`, `signature`, `replay_duplicate`, ...);
+    the message text adds the detail for logs."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
