@@ -1,0 +1,698 @@
+"""The pure pull scheduler: which image goes to which node, and when.
+
+It improves on the paper's Algorithm 1 thread loop (DESIGN section 7):
+
+- one work queue per node, largest image first (the long pulls start early, so the plan's
+  makespan is not decided by a big image started last);
+- at most `policy.parallelism` nodes with work in flight across the cluster (the paper's
+  `workers`) and at most `policy.per_node_parallelism` images in flight on one node;
+- idle nodes are started in order of remaining bytes, largest first (longest-processing-time
+  rule), ties in plan order;
+- one `Dispatch` per node and step carries everything that node gets at once (its batch);
+- transient failures are retried up to `policy.retries` times with capped exponential backoff
+  and full jitter; permanent failures are final at once;
+- an item without a result after its timeout (+ slack) counts as a transient `timeout` failure
+  and is aborted on the node;
+- a node that is down keeps its items queued; after `node_down_timeout_s` they fail with
+  `node unavailable`.
+
+Like h11, this module does no IO and knows no clock: the async shell feeds it events with the
+current time and carries out the returned actions. Randomness (jitter) comes from the injected
+`random.Random`, so a simulation is reproducible from its seed.
+
+Attempts: every dispatch of an item gets a new attempt number (1, 2, ...). A result is accepted
+only for the attempt currently in flight; anything else is stale (a late answer to an attempt
+that already timed out, was re-queued when its node went down, or was cancelled) and ignored.
+`failures` counts the transient failures charged against `policy.retries`; a re-dispatch that is
+not the item's fault (node down, coordinator takeover) bumps the attempt but not the failures.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, cast
+
+from houndd.coordinator.plan import Policy
+
+__all__ = [
+    "NODE_UNAVAILABLE",
+    "TIMEOUT",
+    "Abort",
+    "Action",
+    "Dispatch",
+    "DispatchItem",
+    "Final",
+    "ItemView",
+    "Policy",
+    "RestoredItem",
+    "Scheduler",
+    "WorkItem",
+]
+
+log = logging.getLogger("houndd.coordinator.scheduler")
+
+TIMEOUT = "timeout"
+NODE_UNAVAILABLE = "node unavailable"
+CANCELLED = "cancelled"
+
+ItemStateName = Literal["pending", "pulling", "done", "failed", "cancelled"]
+FinalState = Literal["done", "failed", "cancelled"]
+_FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+
+
+class WorkItem(NamedTuple):
+    """One image wanted on one node. `digest` is the plan's resolved digest ("" if none)."""
+
+    node: str
+    image: str
+    digest: str
+    size_bytes: int
+
+
+class RestoredItem(NamedTuple):
+    """A work item with what is known about it, for `Scheduler.restore` after a takeover.
+
+    `state` is one of pending, pulling, done, failed, cancelled (the values of
+    `houndd.coordinator.results.ItemState`). A `failed` item with `transient=True` is a failed
+    attempt that may still be retried, so it is re-queued like a pending one. `failures` is the
+    number of transient failures charged against the retry budget; when unknown (None) it is
+    taken as `attempt` for a transient failure and `attempt - 1` otherwise (the attempt in
+    flight when the old coordinator died is not charged).
+    """
+
+    node: str
+    image: str
+    digest: str
+    size_bytes: int
+    state: str
+    attempt: int = 0
+    failures: int | None = None
+    reason: str = ""
+    transient: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchItem:
+    """One image of a dispatch: pull `image` at `digest`; the node enforces `timeout_s`."""
+
+    image: str
+    digest: str
+    attempt: int
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send `items` to `node` in one message (the node's batch for this step)."""
+
+    node: str
+    items: tuple[DispatchItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Tell `node` to stop working on `images` (cancel, or the coordinator timed them out)."""
+
+    node: str
+    images: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """An item reached its final state; `reason` names a failure ("" when done)."""
+
+    node: str
+    image: str
+    state: FinalState
+    reason: str
+
+
+Action = Dispatch | Abort | Final
+
+
+@dataclass(frozen=True, slots=True)
+class ItemView:
+    """A read-only snapshot of one item, for status pages and tests."""
+
+    node: str
+    image: str
+    digest: str
+    size_bytes: int
+    state: ItemStateName
+    attempt: int
+    failures: int
+    reason: str
+    not_before: float | None
+    """When a retry waiting for its backoff may start (None: not waiting)."""
+    deadline: float | None
+    """When the coordinator declares the attempt in flight timed out."""
+
+
+class _Item:
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "digest",
+        "failures",
+        "image",
+        "node",
+        "not_before",
+        "order",
+        "reason",
+        "size",
+        "state",
+    )
+
+    def __init__(self, node: str, image: str, digest: str, size: int, order: int) -> None:
+        self.node = node
+        self.image = image
+        self.digest = digest
+        self.size = size
+        self.order = order  # plan order breaks ties between equally large images
+        self.state: ItemStateName = "pending"
+        self.attempt = 0
+        self.failures = 0
+        self.reason = ""
+        self.not_before = -math.inf
+        self.deadline: float | None = None
+
+    def sort_key(self) -> tuple[int, int]:
+        return (-self.size, self.order)
+
+
+class _Node:
+    __slots__ = ("down_since", "inflight", "name", "order", "queue", "queued_bytes")
+
+    def __init__(self, name: str, order: int) -> None:
+        self.name = name
+        self.order = order
+        # Pending items sorted largest first; items waiting for a retry stay in place with
+        # their not_before, so a due retry of a big image goes before small fresh ones.
+        self.queue: list[_Item] = []
+        self.queued_bytes = 0
+        self.inflight: dict[str, _Item] = {}
+        self.down_since: float | None = None
+
+    def enqueue(self, item: _Item) -> None:
+        bisect.insort(self.queue, item, key=_Item.sort_key)
+        self.queued_bytes += item.size
+
+    def take(self, now: float, count: int) -> list[_Item]:
+        picked: list[int] = []
+        for n, item in enumerate(self.queue):
+            if item.not_before <= now:
+                picked.append(n)
+                if len(picked) == count:
+                    break
+        taken = [self.queue[n] for n in picked]
+        for n in reversed(picked):
+            del self.queue[n]
+        self.queued_bytes -= sum(i.size for i in taken)
+        return taken
+
+    def clear(self) -> list[_Item]:
+        items, self.queue, self.queued_bytes = self.queue, [], 0
+        return items
+
+
+# Timer kinds on the heap; entries are re-checked when popped (lazy deletion), so a timer
+# whose item moved on (result arrived, re-dispatched, node came back) is simply dropped.
+_DEADLINE = 0
+_RETRY = 1
+_NODE_DOWN = 2
+
+
+class Scheduler:
+    """Pure scheduler for one plan. Feed it events; carry out the actions it returns.
+
+    `items` are `(node, image, digest, size_bytes)` tuples (`WorkItem`). Call `start(now)` once;
+    then `on_started`, `on_result`, `on_tick`, `on_node_down`, `on_node_up` and `cancel` as things
+    happen, and call `on_tick` again at `next_wakeup()`. Every method returns the actions to
+    carry out, in order.
+
+    The backoff before retry n (n = 1, 2, ...) is uniform in
+    `[0, min(backoff_cap_s, backoff_base_s * backoff_factor ** (n - 1))]` ("full jitter": many
+    nodes failing together against one registry do not come back in lockstep). The coordinator
+    gives a dispatched item `policy.timeout_s + timeout_slack_s` before it declares a timeout;
+    the slack covers message delay, since the node enforces `policy.timeout_s` itself.
+
+    Cost: an event touches only the nodes it concerns plus, when a parallelism slot is free,
+    one pass over the idle nodes; timers live in a heap. A 1000-node plan stays cheap.
+    """
+
+    def __init__(
+        self,
+        items: Iterable[tuple[str, str, str, int]],
+        policy: Policy,
+        *,
+        rng: random.Random,
+        backoff_base_s: float = 1.0,
+        backoff_factor: float = 2.0,
+        backoff_cap_s: float = 60.0,
+        timeout_slack_s: float = 10.0,
+        node_down_timeout_s: float = 300.0,
+    ) -> None:
+        if backoff_base_s < 0 or backoff_cap_s < 0 or backoff_factor < 1:
+            raise ValueError("backoff needs base >= 0, cap >= 0 and factor >= 1")
+        if timeout_slack_s < 0 or node_down_timeout_s < 0:
+            raise ValueError("timeout_slack_s and node_down_timeout_s must be >= 0")
+        self.policy = policy
+        self._rng = rng
+        self._backoff_base_s = backoff_base_s
+        self._backoff_factor = backoff_factor
+        self._backoff_cap_s = backoff_cap_s
+        self._timeout_slack_s = timeout_slack_s
+        self._node_down_timeout_s = node_down_timeout_s
+        self._nodes: dict[str, _Node] = {}
+        self._items: dict[tuple[str, str], _Item] = {}
+        self._busy: dict[str, _Node] = {}  # nodes with work in flight, insertion ordered
+        self._idle: dict[str, _Node] = {}  # up, nothing in flight, something queued
+        self._timers: list[tuple[float, int, int, object]] = []
+        self._timer_seq = 0
+        self._open = 0  # items not final yet; done() is open == 0
+        self._started = False
+        self._cancelled = False
+        self._now = -math.inf
+        for raw in items:
+            self._add(WorkItem(*raw))
+
+    # --- construction -----------------------------------------------------------------------
+
+    def _add(self, work: WorkItem) -> _Item:
+        if work.size_bytes < 0:
+            raise ValueError(f"size_bytes must be >= 0: node={work.node} image={work.image}")
+        key = (work.node, work.image)
+        if key in self._items:
+            raise ValueError(f"duplicate item: node={work.node} image={work.image}")
+        node = self._nodes.get(work.node)
+        if node is None:
+            node = self._nodes[work.node] = _Node(work.node, len(self._nodes))
+        item = _Item(work.node, work.image, work.digest, work.size_bytes, len(self._items))
+        self._items[key] = item
+        node.enqueue(item)
+        self._refresh(node)
+        self._open += 1
+        return item
+
+    @classmethod
+    def restore(
+        cls,
+        items: Iterable[RestoredItem | tuple[str, str, str, int, str]],
+        policy: Policy,
+        *,
+        rng: random.Random,
+        backoff_base_s: float = 1.0,
+        backoff_factor: float = 2.0,
+        backoff_cap_s: float = 60.0,
+        timeout_slack_s: float = 10.0,
+        node_down_timeout_s: float = 300.0,
+    ) -> Scheduler:
+        """Rebuild a scheduler from known per-item states (a new coordinator on takeover).
+
+        done, cancelled and non-transient failed items are final: they are never dispatched
+        again and produce no `Final` action (they already have one). pending, pulling and
+        transiently failed items are queued again and keep their attempt counters, so the
+        next dispatch uses a fresh attempt number and any late result of the old one is stale.
+        """
+        sched = cls(
+            (),
+            policy,
+            rng=rng,
+            backoff_base_s=backoff_base_s,
+            backoff_factor=backoff_factor,
+            backoff_cap_s=backoff_cap_s,
+            timeout_slack_s=timeout_slack_s,
+            node_down_timeout_s=node_down_timeout_s,
+        )
+        for raw in items:
+            known = RestoredItem(*raw)
+            state = str(known.state)
+            if state not in ("pending", "pulling", "done", "failed", "cancelled"):
+                raise ValueError(f"unknown item state {state!r}: node={known.node}")
+            if known.attempt < 0:
+                raise ValueError(f"attempt must be >= 0: node={known.node} image={known.image}")
+            retryable_failure = state == "failed" and known.transient
+            if state in ("done", "cancelled") or (state == "failed" and not known.transient):
+                sched._add_final(known, cast(FinalState, state))
+                continue
+            item = sched._add(WorkItem(known.node, known.image, known.digest, known.size_bytes))
+            item.attempt = known.attempt
+            item.reason = known.reason
+            if known.failures is not None:
+                item.failures = known.failures
+            elif retryable_failure:
+                item.failures = known.attempt
+            else:
+                item.failures = max(0, known.attempt - 1)
+        return sched
+
+    def _add_final(self, known: RestoredItem, state: FinalState) -> None:
+        key = (known.node, known.image)
+        if key in self._items:
+            raise ValueError(f"duplicate item: node={known.node} image={known.image}")
+        if known.node not in self._nodes:
+            self._nodes[known.node] = _Node(known.node, len(self._nodes))
+        item = _Item(known.node, known.image, known.digest, known.size_bytes, len(self._items))
+        item.state = state
+        item.attempt = known.attempt
+        item.reason = known.reason
+        self._items[key] = item
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """True when every item is final (done, failed or cancelled)."""
+        return self._open == 0
+
+    def state(self, node: str, image: str) -> ItemStateName:
+        """pending (queued or waiting for a retry), pulling, done, failed or cancelled."""
+        return self._items[(node, image)].state
+
+    def item(self, node: str, image: str) -> ItemView:
+        """A snapshot of one item. KeyError if the plan does not have it."""
+        return self._view(self._items[(node, image)])
+
+    def items(self) -> list[ItemView]:
+        """Snapshots of every item, in plan order."""
+        return [self._view(i) for i in self._items.values()]
+
+    def busy_nodes(self) -> list[str]:
+        """Nodes with work in flight right now."""
+        return list(self._busy)
+
+    def in_flight(self, node: str) -> list[str]:
+        """Images in flight on `node`."""
+        n = self._nodes.get(node)
+        return list(n.inflight) if n else []
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time `on_tick` has something to do, or None if only events can help.
+
+        A retry whose backoff has expired but that the caps still block is not a reason to
+        wake up (it starts on the result that frees a slot); counting it would make the shell
+        spin.
+        """
+        if self._cancelled or self._open == 0:
+            return None
+        while self._timers:
+            at, _, kind, ref = self._timers[0]
+            if self._timer_valid(at, kind, ref) and not (kind == _RETRY and at <= self._now):
+                return at
+            heapq.heappop(self._timers)
+        return None
+
+    def _view(self, i: _Item) -> ItemView:
+        return ItemView(
+            node=i.node,
+            image=i.image,
+            digest=i.digest,
+            size_bytes=i.size,
+            state=i.state,
+            attempt=i.attempt,
+            failures=i.failures,
+            reason=i.reason,
+            not_before=i.not_before if i.not_before > -math.inf else None,
+            deadline=i.deadline,
+        )
+
+    # --- events -----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin: dispatch the first batches."""
+        self._now = max(self._now, now)
+        if self._started:
+            return []
+        self._started = True
+        return self._fill(now, ())
+
+    def on_started(self, node: str, image: str, attempt: int, now: float) -> list[Action]:
+        """The node began the pull (optional). The deadline then counts from here, because
+        the node may have queued the item behind other plans' pulls before starting it."""
+        self._now = max(self._now, now)
+        item = self._items.get((node, image))
+        if item is None or item.state != "pulling" or item.attempt != attempt:
+            return []
+        deadline = now + self.policy.timeout_s + self._timeout_slack_s
+        if item.deadline is None or deadline > item.deadline:
+            item.deadline = deadline
+            self._push_timer(deadline, _DEADLINE, item)
+        return []
+
+    def on_result(  # noqa: PLR0917 - the event signature others code against
+        self,
+        node: str,
+        image: str,
+        attempt: int,
+        ok: bool,
+        reason: str,
+        transient: bool,
+        now: float,
+    ) -> list[Action]:
+        """The node finished an attempt. Stale or unknown results are ignored."""
+        self._now = max(self._now, now)
+        item = self._items.get((node, image))
+        if item is None or item.state != "pulling" or item.attempt != attempt:
+            log.debug(
+                "stale result ignored node=%s image=%s attempt=%d current=%s",
+                node,
+                image,
+                attempt,
+                None if item is None else item.attempt,
+            )
+            return []
+        self._leave_flight(item)
+        actions: list[Action] = []
+        if ok:
+            self._finish(item, "done", "", actions)
+        else:
+            self._fail(item, reason, transient, now, actions)
+        actions.extend(self._fill(now, (self._nodes[node],)))
+        return actions
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Time passed: time out overdue items, fail items of nodes down too long, start
+        retries whose backoff has expired."""
+        self._now = max(self._now, now)
+        if not self._started or self._cancelled:
+            return []
+        overdue: dict[str, list[_Item]] = {}
+        expired: list[_Node] = []
+        touched: dict[str, _Node] = {}
+        while self._timers and self._timers[0][0] <= now:
+            at, _, kind, ref = heapq.heappop(self._timers)
+            if not self._timer_valid(at, kind, ref):
+                continue
+            if kind == _DEADLINE:
+                item = cast(_Item, ref)
+                overdue.setdefault(item.node, []).append(item)
+            elif kind == _NODE_DOWN:
+                expired.append(cast(_Node, ref))
+            else:
+                node = self._nodes[cast(_Item, ref).node]
+                touched[node.name] = node
+        actions: list[Action] = []
+        failed: list[_Item] = []
+        for name, items in overdue.items():
+            items.sort(key=_Item.sort_key)
+            actions.append(Abort(name, tuple(i.image for i in items)))
+            for item in items:
+                self._leave_flight(item)
+                touched[name] = self._nodes[name]
+            failed.extend(items)
+        for item in failed:
+            log.info(
+                "item timed out node=%s image=%s attempt=%d", item.node, item.image, item.attempt
+            )
+            self._fail(item, TIMEOUT, True, now, actions)
+        for node in expired:
+            log.warning("node unavailable, failing its items node=%s", node.name)
+            for item in node.clear():
+                self._finish(item, "failed", NODE_UNAVAILABLE, actions)
+            self._refresh(node)
+        actions.extend(self._fill(now, touched.values()))
+        return actions
+
+    def on_node_down(self, node: str, now: float) -> list[Action]:
+        """Membership says `node` is dead. Its in-flight items go back to its queue (the
+        failure is not theirs) and it stops holding a parallelism slot, so another node can
+        start. May be called before `start`."""
+        self._now = max(self._now, now)
+        n = self._nodes.get(node)
+        if n is None or n.down_since is not None or self._cancelled:
+            return []
+        n.down_since = now
+        for item in list(n.inflight.values()):
+            self._leave_flight(item)
+            item.state = "pending"
+            item.not_before = -math.inf
+            n.enqueue(item)
+        self._refresh(n)
+        self._push_timer(now + self._node_down_timeout_s, _NODE_DOWN, n)
+        return self._fill(now, ())
+
+    def on_node_up(self, node: str, now: float) -> list[Action]:
+        """`node` is alive again: its queue becomes eligible again."""
+        self._now = max(self._now, now)
+        n = self._nodes.get(node)
+        if n is None or n.down_since is None or self._cancelled:
+            return []
+        n.down_since = None
+        self._refresh(n)
+        return self._fill(now, ())
+
+    def cancel(self, now: float) -> list[Action]:
+        """Cancel the plan: abort everything in flight, every open item ends `cancelled`."""
+        self._now = max(self._now, now)
+        if self._cancelled:
+            return []
+        self._cancelled = True
+        actions: list[Action] = []
+        finals: list[Action] = []
+        for node in self._nodes.values():
+            if node.inflight:
+                inflight = sorted(node.inflight.values(), key=_Item.sort_key)
+                actions.append(Abort(node.name, tuple(i.image for i in inflight)))
+                for item in inflight:
+                    self._leave_flight(item)
+                    self._finish(item, "cancelled", CANCELLED, finals)
+            for item in node.clear():
+                self._finish(item, "cancelled", CANCELLED, finals)
+            self._refresh(node)
+        self._timers.clear()
+        return actions + finals
+
+    def backoff_delay(self, retry: int) -> float:
+        """The jittered delay before retry number `retry` (1-based); draws from the rng."""
+        ceiling = self._backoff_base_s
+        for _ in range(retry - 1):
+            ceiling *= self._backoff_factor
+            if ceiling >= self._backoff_cap_s:
+                break
+        return self._rng.uniform(0.0, min(self._backoff_cap_s, ceiling))
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _push_timer(self, at: float, kind: int, ref: _Item | _Node) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, kind, ref))
+
+    def _timer_valid(self, at: float, kind: int, ref: object) -> bool:
+        if kind == _DEADLINE:
+            item = cast(_Item, ref)
+            return item.state == "pulling" and item.deadline == at
+        if kind == _RETRY:
+            item = cast(_Item, ref)
+            return item.state == "pending" and item.not_before == at
+        node = cast(_Node, ref)
+        return (
+            node.down_since is not None
+            and node.down_since + self._node_down_timeout_s == at
+            and bool(node.queue)
+        )
+
+    def _refresh(self, node: _Node) -> None:
+        """Keep `_idle` exact: the nodes a free parallelism slot may go to."""
+        if node.queue and not node.inflight and node.down_since is None:
+            self._idle[node.name] = node
+        else:
+            self._idle.pop(node.name, None)
+
+    def _leave_flight(self, item: _Item) -> None:
+        node = self._nodes[item.node]
+        del node.inflight[item.image]
+        if not node.inflight:
+            self._busy.pop(node.name, None)
+        item.deadline = None
+        self._refresh(node)
+
+    def _finish(self, item: _Item, state: FinalState, reason: str, out: list[Action]) -> None:
+        item.state = state
+        item.reason = reason
+        item.deadline = None
+        self._open -= 1
+        out.append(Final(item.node, item.image, state, reason))
+
+    def _fail(
+        self, item: _Item, reason: str, transient: bool, now: float, out: list[Action]
+    ) -> None:
+        if not transient:
+            self._finish(item, "failed", reason, out)
+            return
+        if item.failures >= self.policy.retries:
+            self._finish(item, "failed", f"retries exhausted: {reason}", out)
+            return
+        item.failures += 1
+        item.state = "pending"
+        item.reason = reason
+        item.not_before = now + self.backoff_delay(item.failures)
+        node = self._nodes[item.node]
+        node.enqueue(item)
+        self._refresh(node)
+        self._push_timer(item.not_before, _RETRY, item)
+        log.debug(
+            "retry scheduled node=%s image=%s failures=%d at=%.3f reason=%s",
+            item.node,
+            item.image,
+            item.failures,
+            item.not_before,
+            reason,
+        )
+
+    def _fill(self, now: float, touched: Iterable[_Node]) -> list[Action]:
+        """Dispatch what the caps allow. `touched`: busy nodes that may have a free slot or a
+        due retry; on start, node down/up every busy node is checked."""
+        if not self._started or self._cancelled:
+            return []
+        cap = self.policy.per_node_parallelism
+        batches: dict[str, list[_Item]] = {}
+        candidates = list(touched) if touched else list(self._busy.values())
+        # Busy nodes first: topping them up costs no new parallelism slot.
+        for node in candidates:
+            if node.name not in self._busy or node.down_since is not None:
+                continue
+            free = cap - len(node.inflight)
+            if free > 0:
+                taken = node.take(now, free)
+                if taken:
+                    batches[node.name] = taken
+        slots = self.policy.parallelism - len(self._busy)
+        if slots > 0 and self._idle:
+            # Most remaining bytes first; eligibility is checked only for the nodes popped.
+            ranked = [(-n.queued_bytes, n.order, n) for n in self._idle.values()]
+            heapq.heapify(ranked)
+            while ranked and slots > 0:
+                node = heapq.heappop(ranked)[2]
+                taken = node.take(now, cap)
+                if taken:
+                    batches[node.name] = taken
+                    self._busy[node.name] = node
+                    slots -= 1
+        actions: list[Action] = []
+        deadline = now + self.policy.timeout_s + self._timeout_slack_s
+        for name, taken in batches.items():
+            node = self._nodes[name]
+            taken.sort(key=_Item.sort_key)
+            for item in taken:
+                item.attempt += 1
+                item.state = "pulling"
+                item.not_before = -math.inf
+                item.deadline = deadline
+                node.inflight[item.image] = item
+                self._push_timer(deadline, _DEADLINE, item)
+            self._refresh(node)
+            actions.append(
+                Dispatch(
+                    name,
+                    tuple(
+                        DispatchItem(i.image, i.digest, i.attempt, self.policy.timeout_s)
+                        for i in taken
+                    ),
+                )
+            )
+        return actions
