@@ -1,0 +1,75 @@
+"""Registry credentials from the Docker client config file (`auths` entries, base64).
+
+Credential helpers (`credsStore`, `credHelpers`) are not run: a daemon should not execute
+whatever a config file names. Plans can carry credentials instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from pathlib import Path
+
+from houndd.coordinator.reference import DOCKER_HUB_REGISTRY, normalize_registry
+from houndd.puller.engine import RegistryAuth
+
+__all__ = ["credentials_for", "default_docker_config_path"]
+
+log = logging.getLogger("houndd.puller")
+
+# Docker Hub credentials are stored under the legacy index URL.
+_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", DOCKER_HUB_REGISTRY)
+# A config file larger than this is not a Docker client config; don't read it into memory.
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def default_docker_config_path() -> Path:
+    """`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` (what the docker CLI reads)."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _host_of(key: str) -> str:
+    """`https://host:port/v1/` or `host:port` -> `host:port` (normalized for Docker Hub)."""
+    host = key.split("://", 1)[-1].split("/", 1)[0]
+    return normalize_registry(host)
+
+
+def credentials_for(registry: str, path: str | Path | None = None) -> RegistryAuth | None:
+    """Credentials for `registry` (a host[:port] as in `ImageRef.registry`) from the config
+    file at `path` (None: `default_docker_config_path()`), or None if it names none."""
+    config_path = Path(path) if path is not None else default_docker_config_path()
+    try:
+        if config_path.stat().st_size > _MAX_CONFIG_BYTES:
+            log.warning("docker config too large, ignored path=%s", config_path)
+            return None
+        data = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        # Say which file, never its content: it holds secrets.
+        log.warning("docker config unreadable path=%s error=%s", config_path, type(e).__name__)
+        return None
+    auths = data.get("auths") if isinstance(data, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    wanted = normalize_registry(registry)
+    for key, entry in auths.items():
+        if not isinstance(key, str) or not isinstance(entry, dict):
+            continue
+        if _host_of(key) != wanted and not (wanted == DOCKER_HUB_REGISTRY and key in _HUB_KEYS):
+            continue
+        username, password = entry.get("username"), entry.get("password")
+        encoded = entry.get("auth")
+        if isinstance(encoded, str) and encoded:
+            try:
+                username, _, password = base64.b64decode(encoded).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                log.warning("docker config entry not base64 user:password path=%s", config_path)
+                continue
+        if isinstance(username, str) and isinstance(password, str) and username:
+            return RegistryAuth(username=username, password=password, server=key)
+    return None

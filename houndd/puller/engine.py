@@ -1,0 +1,152 @@
+"""The container engine as the puller sees it: a small protocol, its value types and errors.
+
+`DockerEngine` (docker.py) and `FakeEngine` (memory.py) implement `Engine`; one conformance
+suite (tests/puller/test_conformance.py) runs against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from houndd.errors import EngineUnavailable, PullError
+
+__all__ = [
+    "CANCELLED",
+    "ENGINE_UNAVAILABLE",
+    "IMAGE_IN_USE",
+    "MANIFEST_UNKNOWN",
+    "NO_SPACE",
+    "PULL_FAILED",
+    "REGISTRY_UNREACHABLE",
+    "TIMEOUT",
+    "TRANSIENT_REASONS",
+    "UNAUTHORIZED",
+    "Engine",
+    "EngineInfo",
+    "EngineUnavailableError",
+    "PruneReport",
+    "PullProgress",
+    "RegistryAuth",
+    "pull_error",
+]
+
+# Stable failure reasons: users, scripts and the scheduler's retry decision depend on them.
+MANIFEST_UNKNOWN = "manifest unknown"
+UNAUTHORIZED = "unauthorized"
+NO_SPACE = "no space"
+TIMEOUT = "timeout"
+REGISTRY_UNREACHABLE = "registry unreachable"
+CANCELLED = "cancelled"
+ENGINE_UNAVAILABLE = "engine unavailable"
+IMAGE_IN_USE = "image in use"
+# Anything the engine reports that matches none of the above; the detail says what.
+PULL_FAILED = "pull failed"
+
+# Worth retrying: the same request may succeed later without anyone changing anything.
+TRANSIENT_REASONS = frozenset({TIMEOUT, REGISTRY_UNREACHABLE, ENGINE_UNAVAILABLE})
+
+
+class EngineUnavailableError(PullError, EngineUnavailable):
+    """The Docker engine cannot be reached: a transient `PullError` and an `EngineUnavailable`
+    (a `ConnectionError`), so callers catching either see it. Check `docker_host`."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(ENGINE_UNAVAILABLE, detail, transient=True)
+
+
+def pull_error(reason: str, detail: str = "") -> PullError:
+    """A `PullError` whose `transient` flag follows from its reason."""
+    if reason == ENGINE_UNAVAILABLE:
+        return EngineUnavailableError(detail)
+    return PullError(reason, detail, transient=reason in TRANSIENT_REASONS)
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for one registry. The password never appears in repr or str."""
+
+    username: str
+    password: str = field(repr=False)
+    server: str = ""
+
+    def __repr__(self) -> str:
+        return f"RegistryAuth(username={self.username!r}, password='***', server={self.server!r})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a node reports about its engine (the NIDB columns)."""
+
+    server_version: str
+    kernel: str
+    os: str
+    free_disk_bytes: int | None  # None when the engine's disk is not local to this process
+    images: int
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """Progress of one image pull, aggregated over its layers.
+
+    `bytes_total` grows as the engine learns layer sizes; it is 0 until the first is known.
+    """
+
+    bytes_done: int
+    bytes_total: int
+    layers_done: int
+    layers_total: int
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Result of pruning unused (dangling) images."""
+
+    deleted: list[str]
+    space_reclaimed_bytes: int
+
+
+class Engine(Protocol):
+    """A container engine on this node. Every failure is a `PullError` with a stable reason."""
+
+    async def info(self) -> EngineInfo:
+        """Versions, free disk and image count."""
+        ...
+
+    async def has_image(self, ref: str) -> str | None:
+        """The digest of the local image `ref` (`repo:tag` or `repo@digest`) if present.
+
+        The repository digest when the engine knows one for that repository, else the image
+        id (both `sha256:...`); None when no such image is present.
+        """
+        ...
+
+    async def pull(
+        self,
+        ref: str,
+        *,
+        auth: RegistryAuth | None,
+        progress: Callable[[PullProgress], None],
+    ) -> None:
+        """Pull `ref` from its registry, calling `progress` as layers advance."""
+        ...
+
+    async def tag(self, source: str, target: str) -> None:
+        """Give the local image `source` the name `target` (`repo:tag`)."""
+        ...
+
+    async def remove(self, ref: str, *, force: bool = False) -> None:
+        """Remove the local name `ref` (and the image once nothing names it). Idempotent:
+        removing an absent image succeeds."""
+        ...
+
+    async def prune(self) -> PruneReport:
+        """Delete dangling (untagged, unused) images, like `docker image prune`."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...

@@ -1,0 +1,299 @@
+"""`RegistryClient`: resolve an image tag to one digest and its download size (registry API v2).
+
+Speaks enough of the distribution API for that: manifest GET with every manifest media type
+in Accept, the linux/amd64 entry of an index, anonymous access, HTTP basic auth and the
+bearer-token flow (RFC 6750 challenge -> token endpoint, with basic credentials if any).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from houndd.coordinator.reference import ImageRef, InvalidReference, parse_reference
+from houndd.errors import PullError
+from houndd.puller.credentials import credentials_for
+from houndd.puller.engine import (
+    MANIFEST_UNKNOWN,
+    PULL_FAILED,
+    REGISTRY_UNREACHABLE,
+    UNAUTHORIZED,
+    RegistryAuth,
+    pull_error,
+)
+
+__all__ = [
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "RegistryClient",
+    "Resolved",
+]
+
+log = logging.getLogger("houndd.puller")
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+_INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIFEST))
+# Real manifests are a few KiB; the cap bounds what a hostile registry can make us buffer.
+_MAX_MANIFEST_BYTES = 4 << 20
+_MAX_TOKEN_BYTES = 1 << 20
+_PLATFORM = ("linux", "amd64")
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^,\s]*))')
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A tag resolved to what every node will pull."""
+
+    digest: str  # of the manifest (or index) the tag names
+    size_bytes: int  # config + layers of the linux/amd64 image: what a pull downloads
+    media_type: str
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def _basic(auth: RegistryAuth) -> str:
+    return "Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+
+
+class RegistryClient:
+    """Resolves references against their registries.
+
+    `session_factory` makes the aiohttp session on first use (so the constructor does no IO
+    and tests can inject connectors); `close()` closes it. `insecure_registries` (`host:port`)
+    are spoken to over plain http, as are loopback hosts; all others over https.
+    `docker_config_path`: where to find credentials when a call passes none (None: the
+    docker CLI's default location).
+    """
+
+    def __init__(
+        self,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        *,
+        insecure_registries: Sequence[str] = (),
+        docker_config_path: str | Path | None = None,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        self._session_factory = session_factory
+        self._session: aiohttp.ClientSession | None = None
+        self._insecure = frozenset(insecure_registries)
+        self._docker_config_path = docker_config_path
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+
+    async def close(self) -> None:
+        """Close the session if one was made. Idempotent."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _base_url(self, ref: ImageRef) -> str:
+        scheme = "http" if ref.registry in self._insecure or _is_loopback(ref.registry) else "https"
+        return f"{scheme}://{ref.registry}"
+
+    async def resolve(self, ref: str, auth: RegistryAuth | None = None) -> Resolved:
+        """Resolve `ref` (tag or digest reference) to its digest, size and media type.
+
+        Raises `PullError`: "manifest unknown", "unauthorized", "registry unreachable"
+        (transient), or "pull failed" for anything malformed.
+        """
+        try:
+            parsed = parse_reference(ref)
+        except InvalidReference as e:
+            raise PullError(PULL_FAILED, str(e)) from None
+        if auth is None:
+            auth = credentials_for(parsed.registry, self._docker_config_path)
+        base = self._base_url(parsed)
+        reference = parsed.digest or parsed.tag or "latest"
+        session = self._session or self._session_factory()
+        self._session = session
+        authorizer = _Authorizer(session, parsed, auth, self._timeout)
+        body, media_type, digest = await self._manifest(
+            session, authorizer, base, parsed, reference
+        )
+        if parsed.digest is not None and digest != parsed.digest:
+            raise pull_error(PULL_FAILED, f"registry returned {digest} for {parsed.digest}")
+        manifest = _decode(body)
+        size_media = media_type
+        if media_type in _INDEX_TYPES:
+            child = _platform_entry(manifest, ref)
+            child_body, size_media, _ = await self._manifest(
+                session, authorizer, base, parsed, child
+            )
+            manifest = _decode(child_body)
+        size = _image_size(manifest, ref)
+        log.debug("resolved ref=%s digest=%s size=%d media_type=%s", ref, digest, size, size_media)
+        return Resolved(digest=digest, size_bytes=size, media_type=media_type)
+
+    async def _manifest(
+        self,
+        session: aiohttp.ClientSession,
+        authorizer: _Authorizer,
+        base: str,
+        ref: ImageRef,
+        reference: str,
+    ) -> tuple[bytes, str, str]:
+        url = f"{base}/v2/{ref.repository}/manifests/{reference}"
+        headers = {"Accept": _ACCEPT}
+        try:
+            status, resp_headers, body = await authorizer.get(url, headers, _MAX_MANIFEST_BYTES)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise pull_error(
+                REGISTRY_UNREACHABLE, f"{ref.registry}: {type(e).__name__}: {e}"
+            ) from None
+        if status in (401, 403):
+            raise pull_error(UNAUTHORIZED, f"{ref.registry}/{ref.repository}: HTTP {status}")
+        if status == 404:
+            raise pull_error(MANIFEST_UNKNOWN, f"{ref.registry}/{ref.repository}:{reference}")
+        if status == 429 or status >= 500:
+            raise pull_error(REGISTRY_UNREACHABLE, f"{ref.registry}: HTTP {status}")
+        if status != 200:
+            raise pull_error(PULL_FAILED, f"{ref.registry}: HTTP {status} for {url}")
+        media_type = resp_headers.get("Content-Type", "").split(";", 1)[0].strip()
+        if media_type not in _INDEX_TYPES and media_type not in (DOCKER_MANIFEST, OCI_MANIFEST):
+            media_type = str(_decode(body).get("mediaType") or media_type)
+        digest = resp_headers.get("Docker-Content-Digest") or (
+            "sha256:" + hashlib.sha256(body).hexdigest()
+        )
+        return body, media_type, digest
+
+
+class _Authorizer:
+    """Adds credentials to registry requests, answering 401 challenges once per scheme."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        ref: ImageRef,
+        auth: RegistryAuth | None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._session = session
+        self._ref = ref
+        self._auth = auth
+        self._timeout = timeout
+        self._authorization: str | None = None
+
+    async def get(
+        self, url: str, headers: Mapping[str, str], limit: int
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        status, resp_headers, body = await self._get(url, headers, limit)
+        if status != 401:
+            return status, resp_headers, body
+        challenge = resp_headers.get("WWW-Authenticate", "")
+        scheme, params = _parse_challenge(challenge)
+        if scheme == "basic":
+            if self._auth is None:
+                return status, resp_headers, body
+            self._authorization = _basic(self._auth)
+        elif scheme == "bearer":
+            token = await self._token(params)
+            if token is None:
+                return status, resp_headers, body
+            self._authorization = f"Bearer {token}"
+        else:
+            return status, resp_headers, body
+        return await self._get(url, headers, limit)
+
+    async def _get(
+        self, url: str, headers: Mapping[str, str], limit: int
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        all_headers = dict(headers)
+        if self._authorization is not None:
+            all_headers["Authorization"] = self._authorization
+        async with self._session.get(
+            url, headers=all_headers, timeout=self._timeout, allow_redirects=True
+        ) as resp:
+            body = await resp.content.read(limit + 1)
+            if len(body) > limit:
+                raise pull_error(
+                    PULL_FAILED, f"response from {self._ref.registry} over {limit} bytes"
+                )
+            return resp.status, dict(resp.headers), body
+
+    async def _token(self, params: Mapping[str, str]) -> str | None:
+        realm = params.get("realm")
+        if not realm:
+            return None
+        query = {"scope": params.get("scope") or f"repository:{self._ref.repository}:pull"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        headers = {} if self._auth is None else {"Authorization": _basic(self._auth)}
+        try:
+            async with self._session.get(
+                realm, params=query, headers=headers, timeout=self._timeout
+            ) as resp:
+                if resp.status in (401, 403):
+                    return None
+                if resp.status != 200:
+                    raise pull_error(REGISTRY_UNREACHABLE, f"token endpoint: HTTP {resp.status}")
+                raw = await resp.content.read(_MAX_TOKEN_BYTES + 1)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise pull_error(REGISTRY_UNREACHABLE, f"token endpoint: {type(e).__name__}") from None
+        if len(raw) > _MAX_TOKEN_BYTES:
+            raise pull_error(PULL_FAILED, "token response too large")
+        data = _decode(raw)
+        token = data.get("token") or data.get("access_token")
+        return token if isinstance(token, str) and token else None
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise pull_error(PULL_FAILED, "registry sent a manifest that is not JSON") from None
+    if not isinstance(data, dict):
+        raise pull_error(PULL_FAILED, "registry sent a manifest that is not a JSON object")
+    return data
+
+
+def _platform_entry(index: Mapping[str, Any], ref: str) -> str:
+    for entry in index.get("manifests") or []:
+        if not isinstance(entry, dict):
+            continue
+        platform = entry.get("platform") or {}
+        if (platform.get("os"), platform.get("architecture")) == _PLATFORM:
+            digest = entry.get("digest")
+            if isinstance(digest, str) and digest:
+                return digest
+    raise pull_error(MANIFEST_UNKNOWN, f"{ref}: no linux/amd64 image in the index")
+
+
+def _image_size(manifest: Mapping[str, Any], ref: str) -> int:
+    try:
+        config = manifest["config"]
+        layers = manifest.get("layers") or []
+        return int(config["size"]) + sum(int(layer["size"]) for layer in layers)
+    except (KeyError, TypeError, ValueError):
+        raise pull_error(PULL_FAILED, f"{ref}: manifest without config/layer sizes") from None
