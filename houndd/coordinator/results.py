@@ -1,0 +1,183 @@
+"""The per node x image result lattice.
+
+Results are owned by the node that executes them, but copies travel through several nodes
+(worker -> coordinator -> every replica, plus anti-entropy in both directions of a healed
+partition). `merge` is therefore a join on a total order: the result with the larger sort key
+wins. A join over a total order is commutative, associative and idempotent, so replicas converge
+whatever order, duplication or grouping the copies arrive in.
+
+Order, most significant first:
+
+0. `done` is absorbing: a successful pull is a fact about the node's disk, so it outranks any
+   report about another attempt (a new coordinator restored from a lagging replica may number
+   a re-dispatch lower than a failure it has not heard of yet; the worker's "done" must still win,
+   or a node could be asked to pull the image again).
+1. `attempt`: a retry (attempt n+1) supersedes anything reported about attempt n.
+2. state rank: pending < pulling < terminal (done, failed, cancelled).
+3. among terminal states of one attempt: done > failed > cancelled. A pull that really finished
+   outranks a cancel or a "node unavailable" verdict issued concurrently by a coordinator.
+4. `transient=False` > `transient=True`: a coordinator's final verdict outranks the worker's
+   "this attempt failed, may be retried" report of the same attempt.
+5. progress (`bytes_done`), then every remaining field, only so that two different values never
+   tie (a tie between different values would break commutativity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class ItemState(StrEnum):
+    """Lifecycle of one image on one node within one plan."""
+
+    PENDING = "pending"
+    PULLING = "pulling"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_RANK = {
+    ItemState.PENDING: 0,
+    ItemState.PULLING: 1,
+    ItemState.CANCELLED: 2,
+    ItemState.FAILED: 2,
+    ItemState.DONE: 2,
+}
+_TERMINAL_ORDER = {
+    ItemState.PENDING: 0,
+    ItemState.PULLING: 0,
+    ItemState.CANCELLED: 1,
+    ItemState.FAILED: 2,
+    ItemState.DONE: 3,
+}
+
+
+def _opt(x: float | None) -> tuple[int, float]:
+    return (0, 0.0) if x is None else (1, x)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """What is known about one (plan, node, image).
+
+    `transient` marks a failed attempt that the coordinator may still retry; an item is final
+    once it is done, cancelled, or failed with `transient=False` (see `is_final`).
+    """
+
+    state: ItemState = ItemState.PENDING
+    attempt: int = 0
+    digest: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    reason: str = ""
+    detail: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    skipped: bool = False
+    transient: bool = False
+
+    def __post_init__(self) -> None:
+        # NaN has no place in a total order; reject it rather than break the lattice.
+        for value in (self.started_at, self.finished_at):
+            if value is not None and math.isnan(value):
+                raise ValueError("ItemResult timestamps must not be NaN")
+        if self.attempt < 0 or self.bytes_done < 0 or self.bytes_total < 0:
+            raise ValueError("ItemResult counters must be >= 0")
+
+    @property
+    def is_final(self) -> bool:
+        """True when nothing more will happen to this item."""
+        if self.state in (ItemState.DONE, ItemState.CANCELLED):
+            return True
+        return self.state is ItemState.FAILED and not self.transient
+
+    def sort_key(self) -> tuple[Any, ...]:
+        """The total order `merge` takes the maximum of (see the module docstring)."""
+        return (
+            self.state is ItemState.DONE,
+            self.attempt,
+            _RANK[self.state],
+            _TERMINAL_ORDER[self.state],
+            not self.transient,
+            self.bytes_done,
+            self.bytes_total,
+            _opt(self.finished_at),
+            _opt(self.started_at),
+            self.skipped,
+            self.digest,
+            self.reason,
+            self.detail,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (for the wire and the store)."""
+        return {
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "digest": self.digest,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "reason": self.reason,
+            "detail": self.detail,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "skipped": self.skipped,
+            "transient": self.transient,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ItemResult:
+        """Inverse of `to_dict`; raises ValueError/KeyError/TypeError on malformed input."""
+        if set(d) != _FIELDS:
+            raise ValueError(f"ItemResult fields mismatch: {sorted(set(d) ^ _FIELDS)}")
+        return cls(
+            state=ItemState(d["state"]),
+            attempt=_int(d["attempt"]),
+            digest=_str(d["digest"]),
+            bytes_done=_int(d["bytes_done"]),
+            bytes_total=_int(d["bytes_total"]),
+            reason=_str(d["reason"]),
+            detail=_str(d["detail"]),
+            started_at=_opt_float(d["started_at"]),
+            finished_at=_opt_float(d["finished_at"]),
+            skipped=_bool(d["skipped"]),
+            transient=_bool(d["transient"]),
+        )
+
+
+_FIELDS = frozenset(ItemResult.__dataclass_fields__)
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _opt_float(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"expected a number or null, got {type(v).__name__}")
+    return float(v)
+
+
+def merge(a: ItemResult, b: ItemResult) -> ItemResult:
+    """Join of two results: commutative, associative, idempotent."""
+    return a if a.sort_key() >= b.sort_key() else b
