@@ -61,6 +61,13 @@ class Config:
     labels: Mapping[str, str] = _doc("labels of this node", default_factory=dict)
     preset: str = _doc("timing preset: lan (default) or local (fast, for tests)", default="lan")
     plan_replicas: int = _doc("durable copies before a plan is acknowledged", default=2)
+    cluster_name: str = _doc(
+        "name carried in every envelope; nodes of another cluster name are refused",
+        default="houndd",
+    )
+    insecure_registries: tuple[str, ...] = _doc(
+        "registries (host:port) reached over plain HTTP besides loopback ones", default=()
+    )
 
     # --- API ---
     api_tokens: tuple[str, ...] = _doc(
@@ -151,20 +158,21 @@ class Config:
 
 
 _LOCAL_TIMINGS: dict[str, Any] = {
-    # Tens of milliseconds: processes on one host, tests and simulation.
-    "probe_interval_s": 0.1,
-    "probe_timeout_s": 0.05,
-    "gossip_interval_s": 0.03,
+    # Processes on one host (tests, simulation, demos): ten times faster than a LAN, but a
+    # probe still waits 100 ms, because a busy 2-core CI machine can starve a process that long.
+    "probe_interval_s": 0.2,
+    "probe_timeout_s": 0.1,
+    "gossip_interval_s": 0.05,
     "push_pull_interval_s": 1.0,
     "join_retry_s": 0.2,
-    "heartbeat_interval_s": 0.05,
-    "coordinator_timeout_s": 0.4,
+    "heartbeat_interval_s": 0.1,
+    "coordinator_timeout_s": 0.8,
     "election_timeout_min_s": 0.05,
-    "election_timeout_max_s": 0.2,
+    "election_timeout_max_s": 0.25,
     "anti_entropy_interval_s": 0.3,
     "peer_request_timeout_s": 2.0,
     "node_return_timeout_s": 20.0,
-    "submit_wait_s": 3.0,
+    "submit_wait_s": 5.0,
     "progress_interval_s": 0.2,
 }
 

@@ -84,6 +84,7 @@ class FakeEngine:
         progress_steps: int = 4,
         free_disk_bytes: int | None = 100 << 30,
         server_version: str = "fake-1.0",
+        any_image_size: int | None = None,
     ) -> None:
         self._sleep = sleep
         self.pull_duration_s = pull_duration_s
@@ -91,6 +92,9 @@ class FakeEngine:
         self.progress_steps = max(1, progress_steps)
         self.free_disk_bytes = free_disk_bytes
         self.server_version = server_version
+        self.any_image_size = any_image_size
+        """When set, a reference missing from the fake registry is served as an image of this
+        size (a daemon running `docker_host = "fake://"` pulls whatever a plan names)."""
         self._registry: dict[str, FakeImage] = {}
         self._local: dict[str, _LocalImage] = {}  # digest -> image
         self._failures: dict[str, _Failure] = {}
@@ -213,6 +217,9 @@ class FakeEngine:
                     failure.times -= 1
                 raise PullError(failure.reason, failure.detail, transient=failure.transient)
             image = self._registry.get(key)
+            if image is None and self.any_image_size is not None:
+                digest = parsed.digest or "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+                image = FakeImage(digest, self.any_image_size)
             if image is None:
                 raise pull_error(MANIFEST_UNKNOWN, f"manifest for {ref} not found")
             if image.auth is not None and (

@@ -1,0 +1,302 @@
+"""The aiohttp application: public `/v1` API, the peer endpoint, SSE progress and `/metrics`.
+
+Handlers are thin: they parse input, call the node facade (`NodeApi`), and render JSON. All
+errors leave as `application/problem+json`. Authentication: `Authorization: Bearer <token>` with
+a token derived from an installed cluster key (or a configured API token) on everything but
+`/v1/health`, `/metrics` and `/v1/openapi.json`; `/v1/peer` carries sealed, signed envelopes and
+is authenticated by the wire layer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from houndd import __version__
+from houndd.api.openapi import openapi_document
+from houndd.api.problems import PROBLEM_TYPE, ProblemError, problem
+from houndd.errors import (
+    HounddError,
+    NoCoordinatorError,
+    PlanError,
+    ReplicationError,
+)
+
+log = logging.getLogger("houndd.api")
+
+OPEN_PATHS = frozenset({"/v1/health", "/metrics", "/v1/openapi.json", "/v1/peer"})
+SSE_KEEPALIVE_S = 15.0
+
+
+class NodeApi(Protocol):
+    """What the HTTP layer needs from the running node (implemented by the daemon)."""
+
+    def api_tokens(self) -> list[str]: ...
+    def health(self) -> dict[str, Any]: ...
+    async def node_info(self) -> dict[str, Any]: ...
+    def cluster(self) -> dict[str, Any]: ...
+    def member(self, name: str) -> dict[str, Any] | None: ...
+    async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]: ...
+    async def keys(self, op: str, key: bytes | None) -> dict[str, Any]: ...
+    async def submit_plan(self, body: bytes, content_type: str) -> dict[str, Any]: ...
+    def plans(self) -> list[dict[str, Any]]: ...
+    def plan(self, plan_id: str) -> dict[str, Any] | None: ...
+    async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
+    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]: ...
+    async def peer(self, data: bytes, source: str | None) -> bytes: ...
+    def metrics_text(self) -> tuple[bytes, str]: ...
+
+
+NODE: web.AppKey[NodeApi] = web.AppKey("node", NodeApi)
+
+
+# --- middlewares ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error becomes problem+json; unexpected ones are logged and answered 500."""
+    try:
+        return await handler(request)
+    except ProblemError as e:
+        return e.response()
+    except PlanError as e:
+        return problem(400, "invalid plan", e.reason, field=e.field)
+    except NoCoordinatorError as e:
+        return problem(503, "no coordinator", str(e), headers={"Retry-After": "2"})
+    except ReplicationError as e:
+        return problem(503, "plan not replicated", str(e), headers={"Retry-After": "2"})
+    except web.HTTPRequestEntityTooLarge:
+        return problem(
+            413, "request body too large", "the body exceeds max_http_body_bytes", field="body"
+        )
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return problem(e.status, e.reason, e.text if e.text and e.text != e.reason else "")
+    except HounddError as e:
+        return problem(409, type(e).__name__, str(e))
+
+
+def auth_middleware_factory() -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def auth_middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ProblemError(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <token> (the CLI derives it from the cluster key)",
+                headers={"WWW-Authenticate": 'Bearer realm="houndd"'},
+            )
+        node = request.app[NODE]
+        if not any(hmac.compare_digest(token, t) for t in node.api_tokens()):
+            raise ProblemError(
+                401,
+                "unauthorized",
+                "the bearer token matches no installed cluster key or API token",
+                headers={"WWW-Authenticate": 'Bearer realm="houndd"'},
+            )
+        return await handler(request)
+
+    return auth_middleware
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+async def _read_json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProblemError(400, "invalid JSON", str(e), field="body") from None
+    if not isinstance(body, dict):
+        raise ProblemError(400, "invalid body", "expected a JSON object", field="body")
+    return body
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json(request.app[NODE].health())
+
+
+async def node_info(request: web.Request) -> web.Response:
+    return _json(await request.app[NODE].node_info())
+
+
+async def cluster(request: web.Request) -> web.Response:
+    return _json(request.app[NODE].cluster())
+
+
+async def node_get(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    member = request.app[NODE].member(name)
+    if member is None:
+        raise ProblemError(404, "unknown node", f"no member named {name!r}", field="name")
+    return _json(member)
+
+
+async def node_labels(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    body = await _read_json_object(request)
+    unknown = set(body) - {"labels"}
+    if unknown:
+        raise ProblemError(400, "invalid body", "unknown field", field=sorted(unknown)[0])
+    labels = body.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ProblemError(400, "invalid body", "expected a non-empty object", field="labels")
+    for k, v in labels.items():
+        if not k or len(k) > 63 or not all(c.isalnum() or c in "-_./" for c in k):
+            raise ProblemError(400, "invalid label", f"bad label key {k!r}", field=f"labels.{k}")
+        if v is not None and (not isinstance(v, str) or len(v) > 253):
+            raise ProblemError(
+                400, "invalid label", "a value is a string (<= 253) or null", field=f"labels.{k}"
+            )
+    if request.app[NODE].member(name) is None:
+        raise ProblemError(404, "unknown node", f"no member named {name!r}", field="name")
+    return _json(await request.app[NODE].set_labels(name, labels))
+
+
+async def keys_list(request: web.Request) -> web.Response:
+    return _json(await request.app[NODE].keys("list", None))
+
+
+async def keys_op(request: web.Request) -> web.Response:
+    body = await _read_json_object(request)
+    unknown = set(body) - {"op", "key"}
+    if unknown:
+        raise ProblemError(400, "invalid body", "unknown field", field=sorted(unknown)[0])
+    op = body.get("op")
+    if op not in ("install", "use", "remove"):
+        raise ProblemError(400, "invalid body", "op is install, use or remove", field="op")
+    raw = body.get("key")
+    try:
+        key = base64.b64decode(str(raw), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProblemError(400, "invalid key", "expected base64", field="key") from None
+    if len(key) != 32:
+        raise ProblemError(400, "invalid key", "a cluster key is 32 bytes", field="key")
+    return _json(await request.app[NODE].keys(op, key))
+
+
+async def plan_submit(request: web.Request) -> web.Response:
+    body = await request.read()
+    if not body.strip():
+        raise ProblemError(400, "invalid plan", "empty body", field="body")
+    result = await request.app[NODE].submit_plan(body, request.content_type)
+    return _json(result, status=201)
+
+
+async def plan_list(request: web.Request) -> web.Response:
+    return _json({"plans": request.app[NODE].plans()})
+
+
+def _plan_or_404(request: web.Request) -> tuple[str, dict[str, Any]]:
+    plan_id = request.match_info["plan_id"]
+    plan = request.app[NODE].plan(plan_id)
+    if plan is None:
+        raise ProblemError(404, "unknown plan", f"no plan {plan_id!r}", field="plan_id")
+    return plan_id, plan
+
+
+async def plan_get(request: web.Request) -> web.Response:
+    return _json(_plan_or_404(request)[1])
+
+
+async def plan_cancel(request: web.Request) -> web.Response:
+    plan_id, _ = _plan_or_404(request)
+    result = await request.app[NODE].cancel_plan(plan_id)
+    return _json(result)
+
+
+async def plan_events(request: web.Request) -> web.StreamResponse:
+    plan_id, _ = _plan_or_404(request)
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    events = request.app[NODE].plan_events(plan_id)
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await resp.write(b": keepalive\n\n")
+                continue
+            except StopAsyncIteration:
+                break
+            kind = str(event.get("event", "update"))
+            data = json.dumps(event, default=str)
+            await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        # the client went away; the stream is ours to end
+        pass
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    return resp
+
+
+async def peer(request: web.Request) -> web.Response:
+    data = await request.read()
+    reply = await request.app[NODE].peer(data, request.remote)
+    return web.Response(body=reply, content_type="application/octet-stream")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[NODE].metrics_text()
+    # prometheus-client's content type carries a charset; aiohttp wants them apart
+    ctype, _, params = content_type.partition(";")
+    charset = params.partition("charset=")[2].strip() or None
+    return web.Response(body=body, content_type=ctype.strip(), charset=charset)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(openapi_document(__version__))
+
+
+def make_app(node: NodeApi, *, max_body_bytes: int) -> web.Application:
+    """Build the application. The daemon owns its lifecycle (AppRunner + site)."""
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware_factory()],
+        client_max_size=max_body_bytes,
+    )
+    app[NODE] = node
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/node", node_info)
+    r.add_get("/v1/cluster", cluster)
+    r.add_get("/v1/nodes/{name}", node_get)
+    r.add_put("/v1/nodes/{name}/labels", node_labels)
+    r.add_get("/v1/keys", keys_list)
+    r.add_post("/v1/keys", keys_op)
+    r.add_post("/v1/plans", plan_submit)
+    r.add_get("/v1/plans", plan_list)
+    r.add_get("/v1/plans/{plan_id}", plan_get)
+    r.add_delete("/v1/plans/{plan_id}", plan_cancel)
+    r.add_get("/v1/plans/{plan_id}/events", plan_events)
+    r.add_post("/v1/peer", peer)
+    r.add_get("/metrics", metrics)
+    r.add_get("/v1/openapi.json", openapi)
+    return app
+
+
+__all__ = ["NODE", "PROBLEM_TYPE", "NodeApi", "make_app"]

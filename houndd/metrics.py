@@ -1,0 +1,79 @@
+"""Prometheus metrics of one node. One registry per daemon, so several daemons can share a
+process in tests without colliding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+
+class _Callback(Collector):
+    """Values read at scrape time from the live node (no bookkeeping twice)."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        self.name, self.doc, self.labels, self.read = name, doc, labels, read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for key, value in self.read().items():
+            family.add_metric(list(key), value)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.bytes_pulled = Counter(
+            "houndd_bytes_pulled", "bytes pulled by this node's puller", registry=r
+        )
+        self.pull_duration = Histogram(
+            "houndd_pull_duration_seconds",
+            "duration of finished pulls on this node",
+            ["outcome"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.dispatch_latency = Histogram(
+            "houndd_dispatch_latency_seconds",
+            "coordinator: from plan acceptance to the dispatch reaching the node",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.plans_submitted = Counter(
+            "houndd_plans_submitted", "plans accepted through this node's API", registry=r
+        )
+        self.fenced = Counter(
+            "houndd_fenced_refusals",
+            "coordinator messages refused because their term was stale",
+            registry=r,
+        )
+        self.engine_pulls = Counter(
+            "houndd_engine_pulls",
+            "pulls this node's Docker engine was asked to start (after dedupe and IfNotPresent)",
+            registry=r,
+        )
+        self.term = Gauge("houndd_term", "highest election term this node has seen", registry=r)
+
+    def watch(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        """Expose values computed at scrape time (members by state, items by state, ...)."""
+        self.registry.register(_Callback(name, doc, labels, read))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
