@@ -108,3 +108,20 @@ async def test_two_nodes_find_each_other_over_mdns_on_loopback() -> None:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+async def test_unusable_mdns_interface_degrades_to_seeds_only() -> None:
+    # 192.0.2.55 (TEST-NET-1) is not an address of this host: zeroconf cannot bind to it.
+    cfg = local(mdns=True, interfaces=("192.0.2.55",), seeds=("127.0.0.1:7003",))
+    seen: list[Address] = []
+    d = Discovery(cfg, "id-c", "fp", 7002, seen.append, advertise_host="192.0.2.55")
+    task = asyncio.create_task(d.run())
+    try:
+        async with asyncio.timeout(5):
+            while ("127.0.0.1", 7003) not in seen:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert not task.done()  # still serving seeds
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
