@@ -46,7 +46,8 @@ class Metrics:
         )
         self.dispatch_latency = Histogram(
             "houndd_dispatch_latency_seconds",
-            "coordinator: from plan acceptance to the dispatch reaching the node",
+            "coordinator: a dispatch request's round trip to a worker (sent to accepted); "
+            "the coordinator's own share is executed locally and not counted",
             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
             registry=r,
         )

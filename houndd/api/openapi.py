@@ -1,4 +1,8 @@
-"""The served OpenAPI 3.0 document (`GET /v1/openapi.json`)."""
+"""The served OpenAPI 3.1 document (`GET /v1/openapi.json`).
+
+3.1 because the plan schema (`PLAN_JSON_SCHEMA`) is JSON Schema 2020-12 (`const`, numeric
+`exclusiveMinimum`), which OpenAPI 3.0's schema dialect rejects.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     from houndd.coordinator.plan import PLAN_JSON_SCHEMA
 
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "houndd", "version": version},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -84,8 +88,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                         "labels": {
                                             "type": "object",
                                             "additionalProperties": {
-                                                "type": "string",
-                                                "nullable": True,
+                                                "type": ["string", "null"],
                                             },
                                         }
                                     },
@@ -95,7 +98,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"200": _ok("labels set"), **_problems(400, 401, 404, 503)},
+                    "responses": {"200": _ok("labels set"), **_problems(400, 401, 404, 413, 503)},
                 }
             },
             "/v1/keys": {
@@ -124,7 +127,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"200": _ok("result per node"), **_problems(400, 401, 409)},
+                    "responses": {"200": _ok("result per node"), **_problems(400, 401, 409, 413)},
                 },
             },
             "/v1/plans": {
