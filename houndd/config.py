@@ -110,6 +110,9 @@ class Config:
     election_timeout_max_s: float = _doc("randomized election delay, upper bound", default=0.5)
     anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=2.0)
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
+    keep_present_interval_s: float = _doc(
+        "how often a node checks it holds the images of keep_present plans", default=60.0
+    )
     node_return_timeout_s: float = _doc(
         "items of a dead target fail with 'node unavailable' after this long", default=300.0
     )
@@ -135,7 +138,11 @@ class Config:
 
     @property
     def cluster_key_path(self) -> Path:
-        return Path(self.cluster_key_file) if self.cluster_key_file else self.state_path / "cluster.key"
+        return (
+            Path(self.cluster_key_file)
+            if self.cluster_key_file
+            else self.state_path / "cluster.key"
+        )
 
     @property
     def identity_key_path(self) -> Path:
@@ -151,7 +158,9 @@ class Config:
 
     @property
     def effective_docker_host(self) -> str:
-        return self.docker_host or os.environ.get("DOCKER_HOST", "") or "unix:///var/run/docker.sock"
+        return (
+            self.docker_host or os.environ.get("DOCKER_HOST", "") or "unix:///var/run/docker.sock"
+        )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -172,6 +181,7 @@ _LOCAL_TIMINGS: dict[str, Any] = {
     "anti_entropy_interval_s": 0.3,
     "peer_request_timeout_s": 2.0,
     "node_return_timeout_s": 20.0,
+    "keep_present_interval_s": 1.0,
     "submit_wait_s": 5.0,
     "progress_interval_s": 0.2,
 }
@@ -206,7 +216,9 @@ def _validate(c: Config) -> None:
     if c.plan_replicas < 1:
         raise ConfigError("plan_replicas", f"expected >= 1, got {c.plan_replicas}")
     if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {c.log_level!r}")
+        raise ConfigError(
+            "log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {c.log_level!r}"
+        )
     for f in dataclasses.fields(Config):
         value = getattr(c, f.name)
         if f.name.endswith("_s") and not value > 0:
@@ -308,7 +320,11 @@ def load(
     values: dict[str, Any] = {}
 
     explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
-    file_path = Path(path) if path is not None else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    file_path = (
+        Path(path)
+        if path is not None
+        else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    )
     if file_path.exists():
         try:
             data = tomllib.loads(file_path.read_text())

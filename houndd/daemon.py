@@ -257,6 +257,7 @@ class Daemon:
             registry=self.registry,
             metrics=self.metrics,
             keyring=keyring,
+            engine=self.engine,
             rng=self._rng,
         )
         self.service.start()
@@ -292,6 +293,7 @@ class Daemon:
                 tg.create_task(self.discovery.run())
                 tg.create_task(self.executor.run())
                 tg.create_task(self.service.run())
+                tg.create_task(self.service.keep_present_loop())
                 tg.create_task(self._engine_loop())
                 tg.create_task(self._join_seeds())
                 tg.create_task(self._until_stopped())

@@ -94,8 +94,12 @@ def cluster(
         }
         first = procs.add(NAMES[0], docker_host=dockerds[NAMES[0]].host)
         for name in NAMES[1:]:
-            procs.add(name, docker_host=dockerds[name].host, seeds=[f"127.0.0.1:{first.port}"],
-                      extra={"labels": {"tier": "gpu" if name == "w3" else "cpu"}})
+            procs.add(
+                name,
+                docker_host=dockerds[name].host,
+                seeds=[f"127.0.0.1:{first.port}"],
+                extra={"labels": {"tier": "gpu" if name == "w3" else "cpu"}},
+            )
         for name in NAMES:
             procs.start(name)
         for name in NAMES:
@@ -252,7 +256,9 @@ def test_credentials_pull_and_never_leak(cluster: DockerCluster) -> None:
     assert secret not in json.dumps(accepted)
 
     # without credentials the same image fails with a named reason before anything pulls
-    status, denied = cluster.submit({"name": "noauth", "targets": [{"images": [image], "nodes": ["w2"]}]})
+    status, denied = cluster.submit(
+        {"name": "noauth", "targets": [{"images": [image], "nodes": ["w2"]}]}
+    )
     assert status == 201
     assert denied["unresolved"][image]["reason"] == "unauthorized"
 
@@ -263,9 +269,19 @@ def test_bad_plans_are_4xx_problems_and_store_nothing(cluster: DockerCluster) ->
     cases: list[tuple[Any, str]] = [
         ({"name": "x", "targets": [{"images": "nope", "all": True}]}, "targets[0].images"),
         ({"name": "x", "targets": [{"images": [], "all": True}]}, "targets[0].images"),
-        ({"name": "x", "targets": [{"images": ["UPPER/Case::bad"], "all": True}]}, "targets[0].images[0]"),
+        (
+            {"name": "x", "targets": [{"images": ["UPPER/Case::bad"], "all": True}]},
+            "targets[0].images[0]",
+        ),
         ({"name": "x", "targets": [{"images": ["a:1"], "all": True}], "colour": 1}, "colour"),
-        ({"name": "x", "targets": [{"images": ["a:1"], "all": True}], "policy": {"retries": "3"}}, "policy.retries"),
+        (
+            {
+                "name": "x",
+                "targets": [{"images": ["a:1"], "all": True}],
+                "policy": {"retries": "3"},
+            },
+            "policy.retries",
+        ),
         ({"name": "x", "targets": [{"images": ["a:1"], "nodes": ["ghost"]}]}, "targets"),
     ]
     for body, field in cases:
@@ -273,9 +289,7 @@ def test_bad_plans_are_4xx_problems_and_store_nothing(cluster: DockerCluster) ->
         assert status == 400, (body, problem)
         assert problem["field"] == field, (body, problem)
         assert problem["status"] == 400 and problem["title"]
-    status, problem = http(
-        "POST", node.api + "/v1/plans", node.token, b"x: [unclosed", timeout=10
-    )
+    status, problem = http("POST", node.api + "/v1/plans", node.token, b"x: [unclosed", timeout=10)
     assert status == 400 and "field" in problem
     huge = json.dumps({"name": "x" * (2 << 20)}).encode()
     status, problem = http("POST", node.api + "/v1/plans", node.token, huge, timeout=10)
@@ -288,21 +302,73 @@ def test_bad_plans_are_4xx_problems_and_store_nothing(cluster: DockerCluster) ->
 def test_cli_submit_wait_exit_codes(cluster: DockerCluster, tmp_path: Path) -> None:
     node = cluster.procs.nodes["w3"]
     ok = tmp_path / "ok.yaml"
-    ok.write_text(
-        f"name: cli\ntargets:\n  - images: [{cluster.ref('app-b:1')}]\n    nodes: [w3]\n"
-    )
+    ok.write_text(f"name: cli\ntargets:\n  - images: [{cluster.ref('app-b:1')}]\n    nodes: [w3]\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         f"name: cli-bad\ntargets:\n  - images: [{cluster.ref('nope:1')}]\n    nodes: [w3]\n"
     )
     base = [sys.executable, "-m", "houndd", "submit", "--api", node.api, "--token", node.token]
-    done = subprocess.run([*base, str(ok), "--wait", "--json"], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [*base, str(ok), "--wait", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["state"] == "done" and report["items"][0]["node"] == "w3"
-    failed = subprocess.run([*base, str(bad), "--wait"], capture_output=True, text=True,
-                            timeout=120, check=False)
+    failed = subprocess.run(
+        [*base, str(bad), "--wait"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "manifest unknown" in failed.stdout
     time.sleep(0)  # keep the subprocess-based checks ordered in the log
+
+
+def test_keep_present_covers_nodes_that_match_later_and_lost_images(cluster: DockerCluster) -> None:
+    image = cluster.ref("app-b:1")
+    status, accepted = cluster.submit(
+        {
+            "name": "keep",
+            "targets": [{"images": [image], "selector": {"keep": "yes"}}],
+            "policy": {"keep_present": True},
+        }
+    )
+    # nobody carries the label yet: accepted is refused as matching nothing
+    assert status == 400 and accepted["field"] == "targets"
+
+    node = cluster.procs.nodes["w1"]
+    status, body = http(
+        "PUT", node.api + "/v1/nodes/w1/labels", node.token, {"labels": {"keep": "yes"}}
+    )
+    assert status == 200, body
+    cluster.procs.wait_for(
+        lambda: cluster.procs.nodes["w2"].get("/v1/nodes/w1")[1]["labels"].get("keep") == "yes",
+        10,
+        "label spread",
+    )
+    status, accepted = cluster.submit(
+        {
+            "name": "keep",
+            "targets": [{"images": [image], "selector": {"keep": "yes"}}],
+            "policy": {"keep_present": True},
+        }
+    )
+    assert status == 201, accepted
+    assert cluster.wait_plan(accepted["id"])["state"] == "done"
+
+    # a node that matches later gets the image without a resubmission
+    w2 = cluster.procs.nodes["w2"]
+    cluster.dockerds["w2"].docker("rmi", "-f", image, check=False)
+    status, _ = http("PUT", w2.api + "/v1/nodes/w2/labels", w2.token, {"labels": {"keep": "yes"}})
+    assert status == 200
+    cluster.procs.wait_for(lambda: image in cluster.tags("w2"), 30, "w2 got the image")
+
+    # a node that loses the image gets it back
+    cluster.dockerds["w1"].docker("rmi", "-f", image)
+    assert image not in cluster.tags("w1")
+    cluster.procs.wait_for(lambda: image in cluster.tags("w1"), 30, "w1 got the image back")
+    status, plans = node.get("/v1/plans")
+    names = {p["name"] for p in plans["plans"]}
+    assert {"keep/keep-present/w1", "keep/keep-present/w2"} <= names

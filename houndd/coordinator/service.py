@@ -47,7 +47,15 @@ from houndd.coordinator.messages import (
     Send,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
-from houndd.coordinator.plan import PlanSpec, Policy, TargetNode, parse_plan, resolve_targets
+from houndd.coordinator.plan import (
+    MAX_NAME_CHARS,
+    PlanSpec,
+    Policy,
+    TargetNode,
+    parse_plan,
+    resolve_targets,
+)
+from houndd.coordinator.reference import parse_reference
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.store import Store
 from houndd.errors import (
@@ -61,7 +69,7 @@ from houndd.errors import (
 from houndd.membership.member import Member, MemberState
 from houndd.membership.service import Membership
 from houndd.metrics import Metrics
-from houndd.puller.engine import RegistryAuth
+from houndd.puller.engine import Engine, RegistryAuth
 from houndd.puller.executor import Executor, ItemReport, WorkItem
 from houndd.puller.registry import RegistryClient
 from houndd.wire import Keyring, MsgType
@@ -74,6 +82,8 @@ PRUNE_ITEM = "(prune)"
 EVENT_POLL_S = 0.25
 """How often an event stream looks for changes in the local replica."""
 MAX_TICK_WAIT_S = 0.5
+KEEP_PRESENT_MARK = "/keep-present/"
+"""Derived plans of a keep_present plan are named `<plan name>/keep-present/<node>`."""
 RESOLVE_CONCURRENCY = 8
 """Registry manifest requests in flight for one submission."""
 # Core message types the shell handles itself instead of the core.
@@ -128,6 +138,7 @@ class CoordinatorService:
         registry: RegistryClient,
         metrics: Metrics,
         keyring: Keyring,
+        engine: Engine | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -138,6 +149,7 @@ class CoordinatorService:
         self.registry = registry
         self.metrics = metrics
         self.keyring = keyring
+        self.engine = engine
         self._rng = rng or random.Random()
         self._clock = clock
         self._core: NodeCore | None = None
@@ -168,6 +180,7 @@ class CoordinatorService:
             self._clock(),
             persisted,
             policy_for=lambda doc: PlanSpec.from_document(doc["spec"]).policy,
+            scheduler_options={"node_down_timeout_s": self.config.node_return_timeout_s},
         )
         for name in m.PAYLOADS:
             if name in _SHELL_TYPES:
@@ -668,6 +681,68 @@ class CoordinatorService:
             for image in images:
                 tg.create_task(one(image))
         return resolved, unresolved
+
+    # --- keep_present ----------------------------------------------------------------------
+
+    async def keep_present_loop(self) -> None:
+        """Worker side of keep_present plans: a node that matches such a plan's targets but
+        lacks one of its images at the plan's digest (it joined later, its labels changed, or
+        the image was removed) asks for a derived plan for itself through the normal submit
+        path, so the coordinator, replication and progress work as for any plan."""
+        if self.engine is None:
+            return
+        while True:
+            await asyncio.sleep(self.config.keep_present_interval_s * self._rng.uniform(0.8, 1.2))
+            try:
+                await self._keep_present_round()
+            except HounddError as e:
+                log.info("keep-present round failed error=%s", e)
+
+    async def _keep_present_round(self) -> None:
+        assert self.engine is not None
+        me = self.membership.local
+        replica = self.core.replica
+        busy = {str(v["name"]) for v in self.plans() if v["state"] in ("pending", "running")}
+        for rec in replica.plans():
+            spec_doc = rec.document.get("spec", {})
+            if not spec_doc.get("policy", {}).get("keep_present"):
+                continue
+            if spec_doc.get("action", "pull") != "pull" or replica.cancelled(rec.plan_id):
+                continue
+            spec = PlanSpec.from_document(spec_doc)
+            wanted = resolve_targets(spec, [TargetNode(me.name, me.labels)]).requests.get(me.name)
+            suffix = f"{KEEP_PRESENT_MARK}{me.name}"
+            name = spec.name[: MAX_NAME_CHARS - len(suffix)] + suffix
+            if not wanted or name in busy:
+                continue
+            digests = {g["image"]: g["digest"] for g in rec.document.get("groups", [])}
+            results = replica.results(rec.plan_id)
+            mine = {it.image for it in rec.items if it.node_id == me.node_id}
+            missing = []
+            for image in wanted:
+                digest = digests.get(image)
+                if not digest:
+                    continue  # never resolved: the plan reported it failed
+                result = results.get((me.node_id, image), ItemResult())
+                if image in mine and not result.is_final:
+                    continue  # the plan itself is still working on it
+                ref = parse_reference(image)
+                if await self.engine.has_image(f"{ref.familiar_repository}@{digest}") == digest:
+                    continue
+                missing.append(f"{image}@{digest}" if not ref.digest else image)
+            if not missing:
+                continue
+            body: dict[str, Any] = {
+                "name": name,
+                "targets": [{"images": missing, "nodes": [me.name]}],
+                "policy": {**spec_doc.get("policy", {}), "keep_present": False},
+            }
+            credentials = self._unseal_credentials(rec.document)
+            if credentials:
+                body["auth"] = credentials
+            log.info("keep-present plan=%s node=%s missing=%d", rec.plan_id, me.name, len(missing))
+            await self.submit(json.dumps(body).encode(), "application/json")
+            busy.add(name)
 
     async def cancel(self, plan_id: str) -> dict[str, Any] | None:
         actions = self.core.cancel(plan_id, self._clock())

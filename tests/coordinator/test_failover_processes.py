@@ -56,26 +56,31 @@ def start(tmp_path: Path, names: list[str], pull_s: float) -> LocalCluster:
             docker_host=f"fake://?pull_s={pull_s}&size=1000000",
         )
         first = first or node
-    for name in names:
-        cluster.start(name)
-    for name in names:
-        cluster.wait_ready(name)
-    cluster.wait_for(
-        lambda: all(
-            len(cluster.members(n)) == len(names) and set(cluster.members(n).values()) == {"alive"}
-            for n in names
-        ),
-        10,
-        "full membership",
-    )
-    cluster.wait_for(lambda: _agreed_coordinator(cluster, names), 10, "one agreed coordinator")
+    try:
+        for name in names:
+            cluster.start(name)
+        for name in names:
+            cluster.wait_ready(name)
+        cluster.wait_for(
+            lambda: all(
+                len(cluster.members(n)) == len(names)
+                and set(cluster.members(n).values()) == {"alive"}
+                for n in names
+            ),
+            10,
+            "full membership",
+        )
+        cluster.wait_for(lambda: _agreed_coordinator(cluster, names), 10, "one agreed coordinator")
+    except BaseException:
+        cluster.close()
+        raise
     return cluster
 
 
 def _agreed_coordinator(cluster: LocalCluster, names: list[str]) -> str | None:
     seen = {cluster.coordinator(n) for n in names}
     if len(seen) == 1:
-        (coordinator, _term), = seen
+        ((coordinator, _term),) = seen
         return coordinator
     return None
 
@@ -193,8 +198,10 @@ def test_sigstop_coordinator_is_fenced_and_steps_down(
     fenced_before = sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
     cluster.signal(coordinator, signal.SIGCONT)
     cluster.wait_for(
-        lambda: sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
-        > fenced_before,
+        lambda: (
+            sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
+            > fenced_before
+        ),
         10,
         "the resumed coordinator's stale messages refused by term",
     )
@@ -223,8 +230,10 @@ def test_two_node_cluster_survivor_coordinates(tmp_path: Path, victim: str) -> N
         killed, survivor = (coordinator, other) if victim == "coordinator" else (other, coordinator)
         cluster.signal(killed, signal.SIGKILL)
         cluster.wait_for(
-            lambda: cluster.coordinator(survivor)[0] == survivor
-            and cluster.members(survivor).get(killed) == "dead",
+            lambda: (
+                cluster.coordinator(survivor)[0] == survivor
+                and cluster.members(survivor).get(killed) == "dead"
+            ),
             15,
             f"{survivor} coordinating alone",
         )
