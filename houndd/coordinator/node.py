@@ -108,7 +108,7 @@ class _Run:
 class _Pending:
     """A submission waiting for durable copies."""
 
-    client_ref: Any
+    client_refs: list[Any]
     needed: int
     deadline: float
     acks: set[str]
@@ -204,6 +204,10 @@ class NodeCore:
         """The coordinator this node hears (itself included), or None during an election."""
         return self.election.coordinator(now)
 
+    def plans_running(self) -> list[str]:
+        """Coordinator: ids of the plans it is scheduling now."""
+        return list(self._runs)
+
     def next_wakeup(self) -> float:
         """The earliest time `tick` has something to do."""
         times = [self._ae_at]
@@ -231,6 +235,11 @@ class NodeCore:
         if now >= self._ae_at:
             self._ae_at = now + self.config.anti_entropy_interval_s * self._rng.uniform(0.8, 1.2)
             out.extend(self._anti_entropy(now))
+            if self.election.is_coordinator:
+                # Safety net: every open plan has a scheduler (e.g. a plan another coordinator
+                # acknowledged while our own submission of the same id was still pending).
+                for rec in self.replica.open_plans():
+                    out.extend(self._start_run(rec, now))
         return out
 
     def membership(
@@ -300,20 +309,31 @@ class NodeCore:
             return out
         rec = PlanRecord(plan_id, dict(document), tuple(PlanItem(*i) for i in items), now, False)
         known = self.replica.plan(plan_id)
-        if known is not None or self.replica.is_aborted(plan_id):
-            same = known is not None and known.content_hash() == rec.content_hash()
-            if same and known is not None and known.committed:
-                out.append(AckClient(client_ref, True))
-            else:
-                out.append(AckClient(client_ref, False, "plan id already used"))
+        if known is not None and known.content_hash() != rec.content_hash():
+            out.append(AckClient(client_ref, False, "plan id already used"))
             return out
-        changed = self.replica.put_plan(rec)
-        if not changed:
-            out.append(AckClient(client_ref, False, "plan refused (store full or too large)"))
+        if self.replica.is_aborted(plan_id):
+            out.append(AckClient(client_ref, False, "plan was aborted; submit it with a new id"))
             return out
-        out.append(Persist(tuple(changed)))
+        if known is not None and known.committed:
+            out.append(AckClient(client_ref, True))  # a client's retry: idempotent
+            return out
+        pending = self._pending.get(plan_id)
+        if pending is not None:
+            pending.client_refs.append(client_ref)
+            return out
+        if known is not None:
+            # Tentative copy (ours from a retry, or taken over from a dead coordinator): run the
+            # replication round again so this client gets its answer.
+            rec = known
+        else:
+            changed = self.replica.put_plan(rec)
+            if not changed:
+                out.append(AckClient(client_ref, False, "plan refused (store full or too large)"))
+                return out
+            out.append(Persist(tuple(changed)))
         needed = min(self.config.plan_replicas, len(self.alive) + 1)
-        pend = _Pending(client_ref, needed, now + self._ack_timeout_s, {self.node_id})
+        pend = _Pending([client_ref], needed, now + self._ack_timeout_s, {self.node_id})
         self._pending[plan_id] = pend
         log.info("plan accepted plan=%s items=%d copies_needed=%d", plan_id, len(rec.items), needed)
         put = m.PlanPut(self.election.term, self.node_id, _plan_wire(rec))
@@ -486,11 +506,11 @@ class NodeCore:
         del self._pending[pid]
         rec = self.replica.plan(pid)
         if rec is None:  # aborted meanwhile by an outside tombstone
-            return [AckClient(pend.client_ref, False, "plan aborted")]
+            return [AckClient(ref, False, "plan aborted") for ref in pend.client_refs]
         committed = dataclasses.replace(rec, committed=True)
         changed = self.replica.put_plan(committed)
         out: list[Action] = [Persist(tuple(changed))] if changed else []
-        out.append(AckClient(pend.client_ref, True))
+        out.extend(AckClient(ref, True) for ref in pend.client_refs)
         log.info("plan committed plan=%s copies=%d", pid, len(pend.acks))
         put = m.PlanPut(self.election.term, self.node_id, _plan_wire(committed))
         out.extend(Send(n, "PLAN_PUT", put) for n in sorted(self.alive))
@@ -503,8 +523,11 @@ class NodeCore:
         log.warning(
             "plan not acknowledged plan=%s reason=%s copies=%d", pid, reason, len(pend.acks)
         )
-        out: list[Action] = [AckClient(pend.client_ref, False, reason)]
+        out: list[Action] = [AckClient(ref, False, reason) for ref in pend.client_refs]
         changed = self.replica.put_abort(pid)
+        rec = self.replica.plan(pid)
+        if rec is not None and self.election.is_coordinator:
+            out.extend(self._start_run(rec, now))  # committed elsewhere: the abort was refused
         if changed:
             out.insert(0, Persist(tuple(changed)))
             msg = m.PlanAbort(self.election.term, self.node_id, pid)

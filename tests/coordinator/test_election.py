@@ -19,10 +19,18 @@ from houndd.coordinator.messages import (
     VoteRequest,
 )
 
-CFG = local()  # coordinator_timeout 0.4 s, election delay 0.05..0.2 s, heartbeat 0.05 s
+# Pinned timings, so the tables below do not drift with the presets.
+CFG = local(
+    coordinator_timeout_s=0.4,
+    election_timeout_min_s=0.05,
+    election_timeout_max_s=0.2,
+    heartbeat_interval_s=0.05,
+)
 
 
-def make(node: str = "b", alive: set[str] | None = None, now: float = 0.0, **rec: object) -> Election:
+def make(
+    node: str = "b", alive: set[str] | None = None, now: float = 0.0, **rec: object
+) -> Election:
     e = Election(node, CFG, random.Random(7), now, ElectionRecord(**rec))  # type: ignore[arg-type]
     e.membership(alive if alive is not None else {"a", "c"}, now)
     return e
@@ -102,7 +110,9 @@ def test_pre_vote_refusal_while_coordinator_heard() -> None:
     assert e.term == 1  # the flapping candidate's term is not even adopted
     assert not any(isinstance(a, Persist) for a in acts)
     # Once the coordinator is dead to this node, the vote is granted.
-    assert reply(e.on_vote_request("c", VoteRequest(5, "c"), 0.5 + CFG.coordinator_timeout_s)).granted
+    assert reply(
+        e.on_vote_request("c", VoteRequest(5, "c"), 0.5 + CFG.coordinator_timeout_s)
+    ).granted
 
 
 def test_pre_vote_uses_membership_too() -> None:
@@ -193,7 +203,9 @@ def test_stale_coordinator_steps_down_when_fenced() -> None:
     assert e.role is Role.FOLLOWER and e.term >= 3
 
 
-@pytest.mark.parametrize(("me", "other", "expect"), [("b", "c", Role.FOLLOWER), ("c", "b", Role.CANDIDATE)])
+@pytest.mark.parametrize(
+    ("me", "other", "expect"), [("b", "c", Role.FOLLOWER), ("c", "b", Role.CANDIDATE)]
+)
 def test_same_term_coordinators_meet(me: str, other: str, expect: Role) -> None:
     """Smaller id steps down; larger id moves to a new term so everyone can accept it."""
     e = make(me, alive=set(), now=0.0)  # each won term 1 alone, in its own partition

@@ -14,9 +14,9 @@ from houndd.coordinator.messages import (
     DispatchItemWire,
     Execute,
     Heartbeat,
-    PlanAck,
     Persist,
     PlanAbort,
+    PlanAck,
     Reply,
     Request,
     Send,
@@ -27,7 +27,11 @@ from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.store import PersistedState
 
 CFG = local(plan_replicas=2)
-DOC: dict[str, Any] = {"name": "p", "nodes": {"a": ["x:1"], "b": ["x:1"]}, "policy": {"timeout": "5s"}}
+DOC: dict[str, Any] = {
+    "name": "p",
+    "nodes": {"a": ["x:1"], "b": ["x:1"]},
+    "policy": {"timeout": "5s"},
+}
 ITEMS = (("a", "x:1", "sha256:1", 10), ("b", "x:1", "sha256:1", 10))
 
 
@@ -66,7 +70,9 @@ def test_submit_times_out_and_aborts() -> None:
     core.submit("p", DOC, ITEMS, 1.0, "c")
     acts = core.tick(1.0 + CFG.peer_request_timeout_s + 0.01)
     assert of(acts, AckClient) == [AckClient("c", False, "replication timeout")]
-    assert [s.payload for s in of(acts, Send) if s.msg_type == "PLAN_ABORT"] == [PlanAbort(core.term, "a", "p")]
+    assert [s.payload for s in of(acts, Send) if s.msg_type == "PLAN_ABORT"] == [
+        PlanAbort(core.term, "a", "p")
+    ]
     assert core.replica.plan("p") is None and core.replica.is_aborted("p")
 
 
@@ -119,14 +125,18 @@ def test_worker_dedupes_and_reports_under_the_new_attempt() -> None:
 
 
 def test_takeover_dispatches_only_what_is_not_done() -> None:
-    items = tuple(PlanItem(n, img, "sha256:" + img, 10) for n in ("a", "b", "c") for img in ("x:1", "y:1"))
+    items = tuple(
+        PlanItem(n, img, "sha256:" + img, 10) for n in ("a", "b", "c") for img in ("x:1", "y:1")
+    )
     doc = {"name": "p", "nodes": {n: ["x:1", "y:1"] for n in "abc"}, "policy": {"timeout": "5s"}}
     records: list[Any] = [PlanRecord("p", doc, items, 0.0, False)]  # tentative: still taken over
     from houndd.coordinator.replica import ResultRecord
 
     for n in ("a", "b", "c"):
         records.append(ResultRecord("p", n, "x:1", ItemResult(ItemState.DONE, 1)))
-    records.append(ResultRecord("p", "c", "y:1", ItemResult(ItemState.FAILED, 3, reason="unauthorized")))
+    records.append(
+        ResultRecord("p", "c", "y:1", ItemResult(ItemState.FAILED, 3, reason="unauthorized"))
+    )
     core = NodeCore("b", CFG, random.Random(5), 0.0, PersistedState(records=records))
     core.membership({"a", "c"}, {}, 0.0)
     core.receive("z", "HEARTBEAT", Heartbeat(1, "z"), 0.0)  # old coordinator z, then it dies
@@ -139,8 +149,15 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
             if r.msg_type == "VOTE_REQUEST":
                 from houndd.coordinator.messages import VoteReply
 
-                acts += core.receive(r.node_id, "VOTE_REPLY", VoteReply(core.term, r.node_id, True), t)
+                acts += core.receive(
+                    r.node_id, "VOTE_REPLY", VoteReply(core.term, r.node_id, True), t
+                )
     assert core.role is Role.COORDINATOR
-    wanted = {(d.node_id, i.image) for d in of(acts, Request) if d.msg_type == "DISPATCH" for i in d.payload.items}
+    wanted = {
+        (d.node_id, i.image)
+        for d in of(acts, Request)
+        if d.msg_type == "DISPATCH"
+        for i in d.payload.items
+    }
     wanted |= {("b", i.image) for e in of(acts, Execute) for i in e.items}
     assert wanted == {("a", "y:1"), ("b", "y:1")}  # done and finally failed items are left alone

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import random
 import statistics
 
 import pytest
@@ -26,9 +25,8 @@ def _chunk(bounds: tuple[int, int]) -> tuple[int, list[str]]:
     failures: list[str] = []
     ran = 0
     for seed in range(*bounds):
-        nodes = random.Random(seed).randint(2, 5 if seed % 4 == 0 else 4)
         try:
-            run_seed(seed, nodes, fault_window_s=2.0, plans=1 + seed % 2)
+            run_seed(seed)
         except Violation as e:
             failures.append(str(e))
         ran += 1
@@ -55,7 +53,7 @@ def test_replay_is_deterministic() -> None:
 
 def test_without_faults_everything_is_acked_and_done() -> None:
     for seed in range(20):
-        res = run_seed(seed, 3, faults=False, fail_rate=0.0)
+        res = run_seed(seed, 3, faults=False, fail_rate=0.0, plans=2)
         assert res.acked_plans == ["p0", "p1"]
         assert all(len(c) == 1 for c in res.coordinators.values())
 
