@@ -245,6 +245,14 @@ class CoordinatorService:
         return reply
 
     async def _request(self, action: Request) -> None:
+        sent_key = (getattr(action.payload, "plan_id", ""), action.node_id)
+        try:
+            await self._request_once(action)
+        finally:
+            if action.msg_type == "DISPATCH":
+                self._dispatch_sent.pop(sent_key, None)
+
+    async def _request_once(self, action: Request) -> None:
         try:
             env = await self.membership.request(
                 action.node_id, _msg_type(action.msg_type), m.to_wire(action.payload)
