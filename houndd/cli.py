@@ -218,21 +218,28 @@ def _plan_exit_code(plan: dict[str, Any]) -> int:
     return EXIT_OK if plan.get("state") == "done" else EXIT_FAILED
 
 
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
 async def _wait(client: Client, plan_id: str, *, live: bool) -> dict[str, Any]:
+    """Follow the plan's events until it is final. A stream that ends early (the node
+    restarted, a proxy cut it) is opened again; a plan is never reported before it is final."""
     from houndd.render import PlanProgress
 
     progress = PlanProgress(enabled=live)
     with progress:
-        final: dict[str, Any] | None = None
-        async for event in client.events(plan_id):
-            progress.update(event)
-            if event.get("event") == "final":
-                final = event.get("plan")
-                break
-    if final is None:  # stream ended early (e.g. node restarted): ask once more
-        final = await client.get(f"/v1/plans/{plan_id}")
-    assert final is not None
-    return final
+        while True:
+            try:
+                async for event in client.events(plan_id):
+                    progress.update(event)
+                    if event.get("event") == "final":
+                        return dict(event["plan"])
+            except Unreachable:
+                pass
+            plan: dict[str, Any] = await client.get(f"/v1/plans/{plan_id}")
+            if plan.get("state") in FINAL_STATES:
+                return plan
+            await asyncio.sleep(1.0)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -108,7 +108,7 @@ class Config:
     )
     election_timeout_min_s: float = _doc("randomized election delay, lower bound", default=0.1)
     election_timeout_max_s: float = _doc("randomized election delay, upper bound", default=0.5)
-    anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=2.0)
+    anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=1.0)
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
     keep_present_interval_s: float = _doc(
         "how often a node checks it holds the images of keep_present plans", default=60.0

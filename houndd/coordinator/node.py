@@ -611,8 +611,13 @@ class NodeCore:
         coord = self.election.coordinator(now)
         if coord is None or coord == self.node_id:
             return []  # anti-entropy will carry it
-        entries = tuple(_entry(r) for r in changed if isinstance(r, ResultRecord))
-        return [Send(coord, "RESULTS", m.Results(entries))]
+        results = [r for r in changed if isinstance(r, ResultRecord)]
+        msg = m.Results(tuple(_entry(r) for r in results))
+        if any(r.result.is_final for r in results):
+            # An outcome must not wait for the next anti-entropy round because one datagram
+            # was dropped: it travels as a request (HTTP); progress stays best-effort.
+            return [self._request(coord, "RESULTS", msg)]
+        return [Send(coord, "RESULTS", msg)]
 
     def _interrupted_on_restart(self, now: float) -> list[Action]:
         """Pulls that were running when this node stopped did not survive it: say so, so the

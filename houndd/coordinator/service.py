@@ -79,8 +79,8 @@ log = logging.getLogger("houndd.coordinator")
 
 PRUNE_ITEM = "(prune)"
 """The image column of a prune item: one per node, no image involved."""
-EVENT_POLL_S = 0.25
-"""How often an event stream looks for changes in the local replica."""
+EVENT_POLL_S = 1.0
+"""An event stream looks at the replica on every change, and at least this often."""
 MAX_TICK_WAIT_S = 0.5
 KEEP_PRESENT_MARK = "/keep-present/"
 """Derived plans of a keep_present plan are named `<plan name>/keep-present/<node>`."""
@@ -156,6 +156,7 @@ class CoordinatorService:
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._dispatch_sent: dict[tuple[str, str], float] = {}
+        self._changed = asyncio.Event()
         self.refused: Counter[str] = Counter()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -220,6 +221,7 @@ class CoordinatorService:
         for action in actions:
             if isinstance(action, Persist):
                 self.store.apply(action)
+                self._notify_change()
             elif isinstance(action, Send):
                 if action.msg_type == "FENCED":
                     self.metrics.fenced.inc()
@@ -243,6 +245,11 @@ class CoordinatorService:
                     fut.set_result(action)
         self.metrics.term.set(self.core.term)
         return reply
+
+    def _notify_change(self) -> None:
+        """Wake every event stream: the replica changed."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _request(self, action: Request) -> None:
         sent_key = (getattr(action.payload, "plan_id", ""), action.node_id)
@@ -518,7 +525,8 @@ class CoordinatorService:
         yield {"event": "snapshot", "plan": view}
         seen = {(r["node"], r["image"]): r for r in view["items"]}
         while view["state"] not in ("done", "failed", "cancelled"):
-            await asyncio.sleep(EVENT_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), EVENT_POLL_S)
             new = self.plan(plan_id)
             if new is None:
                 return

@@ -117,7 +117,9 @@ def test_worker_dedupes_and_reports_under_the_new_attempt() -> None:
     assert not of(again, Execute)
     done = ItemResult(ItemState.DONE, 1, "sha256:1", 10, 10)
     acts = w.executor_report(ExecutorReport("p", "x:1", done), 0.4)
-    (sent,) = [s for s in of(acts, Send) if s.msg_type == "RESULTS"]
+    # a final outcome goes to the coordinator as a request, not a droppable datagram
+    assert not [s for s in of(acts, Send) if s.msg_type == "RESULTS"]
+    (sent,) = [r for r in of(acts, Request) if r.msg_type == "RESULTS"]
     assert sent.node_id == "a" and sent.payload.entries[0].result["attempt"] == 2
     later = w.receive("a", "DISPATCH", _dispatch(attempt=3), 0.5)  # done: never pulled again
     assert not of(later, Execute)
