@@ -81,6 +81,11 @@ from houndd.coordinator.store import PersistedState
 
 log = logging.getLogger("houndd.coordinator")
 
+FANOUT_DELAY_S = 0.05
+"""Outcomes reaching the coordinator within this window go to the members in one batch."""
+FANOUT_BATCH = 100
+"""Result entries per RESULTS message (~200 bytes each: well inside one datagram)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ExecutorReport:
@@ -186,6 +191,8 @@ class NodeCore:
         self._next_token = 1
         self._ae_at = now + rng.uniform(0, config.anti_entropy_interval_s)
         self._ae_round = 0
+        self._fanout: dict[tuple[str, str, str], ResultRecord] = {}
+        self._fanout_at: float | None = None
         self._outbox: list[Action] = self._interrupted_on_restart(now)
 
     # --- queries -----------------------------------------------------------------------------
@@ -211,6 +218,8 @@ class NodeCore:
     def next_wakeup(self) -> float:
         """The earliest time `tick` has something to do."""
         times = [self._ae_at]
+        if self._fanout_at is not None:
+            times.append(self._fanout_at)
         e = self.election.next_wakeup()
         if e is not None:
             times.append(e)
@@ -240,6 +249,7 @@ class NodeCore:
                 # acknowledged while our own submission of the same id was still pending).
                 for rec in self.replica.open_plans():
                     out.extend(self._start_run(rec, now))
+        out.extend(self._flush_fan_out(now))
         return out
 
     def membership(
@@ -465,7 +475,7 @@ class NodeCore:
                 changed.extend(self.replica.put_result(pid, act.node, act.image, res))
         if changed:
             out.insert(0, Persist(tuple(changed)))
-            out.extend(self._fan_out(changed, exclude=()))
+            out.extend(self._fan_out(changed, now))
         return out
 
     def _feed(self, changed: Iterable[Record], now: float) -> list[Action]:
@@ -535,13 +545,30 @@ class NodeCore:
             out.extend(self._on_changes(changed, now))
         return out
 
-    def _fan_out(self, changed: Iterable[Record], exclude: Iterable[str]) -> list[Action]:
-        entries = tuple(_entry(r) for r in changed if isinstance(r, ResultRecord))
-        if not entries:
+    def _fan_out(self, changed: Iterable[Record], now: float) -> list[Action]:
+        """Queue outcomes for every member. Sending each result to each member at once costs
+        N messages per result, N^2 per plan; a batch per FANOUT_DELAY_S costs N per batch.
+        Progress is left to anti-entropy."""
+        for r in changed:
+            if isinstance(r, ResultRecord) and r.result.is_final:
+                self._fanout[(r.plan_id, r.node_id, r.image)] = r
+        if self._fanout and self._fanout_at is None:
+            self._fanout_at = now + FANOUT_DELAY_S
+        return []
+
+    def _flush_fan_out(self, now: float) -> list[Action]:
+        if self._fanout_at is None or now < self._fanout_at:
             return []
-        msg = m.Results(entries)
-        skip = set(exclude)
-        return [Send(n, "RESULTS", msg) for n in sorted(self.alive - skip)]
+        entries = [_entry(r) for r in self._fanout.values()]
+        self._fanout.clear()
+        self._fanout_at = None
+        if not self.election.is_coordinator:
+            return []
+        out: list[Action] = []
+        for i in range(0, len(entries), FANOUT_BATCH):
+            msg = m.Results(tuple(entries[i : i + FANOUT_BATCH]))
+            out.extend(Send(n, "RESULTS", msg) for n in sorted(self.alive))
+        return out
 
     # --- worker role ---------------------------------------------------------------------------
 
@@ -607,7 +634,7 @@ class NodeCore:
         if not changed:
             return []
         if self.election.is_coordinator:
-            return self._fan_out(changed, exclude=()) + self._feed(changed, now)
+            return self._fan_out(changed, now) + self._feed(changed, now)
         coord = self.election.coordinator(now)
         if coord is None or coord == self.node_id:
             return []  # anti-entropy will carry it
@@ -775,7 +802,7 @@ class NodeCore:
         acts, changed = self._merge(batch, now)
         if self.election.is_coordinator and changed:
             # Fan out only state changes; byte progress rides on anti-entropy.
-            acts.extend(self._fan_out(changed, exclude=(sender,)))
+            acts.extend(self._fan_out(changed, now))
         return acts
 
     def _h_sync_digest(self, sender: str, p: m.SyncDigest, now: float) -> list[Action]:

@@ -69,6 +69,7 @@ class Store:
         if secret_key is not None:
             self._box = SecretBox(secret_key)
         self._db: sqlite3.Connection | None = None
+        self._sync = "FULL"
 
     def open(self) -> None:
         """Open (creating) the database. Idempotent."""
@@ -82,6 +83,7 @@ class Store:
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
         self._db = db
+        self._sync = "FULL"
 
     def close(self) -> None:
         """Close the database. Idempotent."""
@@ -110,6 +112,12 @@ class Store:
         """Write the records of a `Persist` action in one durable transaction."""
         records = action.records if isinstance(action, Persist) else tuple(action)
         db = self.db
+        # Progress (a pull's bytes, "pulling") is re-derived from the worker after a crash,
+        # so it need not wait for an fsync; plans, votes, fencing and outcomes do (G1, G3).
+        progress_only = all(
+            isinstance(rec, ResultRecord) and not rec.result.is_final for rec in records
+        )
+        self._set_sync("NORMAL" if progress_only else "FULL")
         db.execute("BEGIN IMMEDIATE")
         try:
             for rec in records:
@@ -118,6 +126,11 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _set_sync(self, mode: str) -> None:
+        if self._sync != mode:
+            self.db.execute(f"PRAGMA synchronous={mode}")
+            self._sync = mode
 
     def next_boot_epoch(self) -> int:
         """Increment and return the boot epoch (persisted, +1 per start)."""

@@ -259,7 +259,19 @@ class Membership:
         if address == self._transport.local_address:
             self._on_datagram(data, address)
             return
+        if len(data) > self._config.max_udp_bytes:
+            # Too big for one datagram (a plan with hundreds of items): the same sealed bytes
+            # travel as a peer request instead, still best effort, without holding the caller.
+            if self._tg is not None:
+                self._tg.create_task(self._send_as_request(address, data))
+            return
         await self._transport.send(address, data)
+
+    async def _send_as_request(self, address: Address, data: bytes) -> None:
+        try:
+            await self._transport.request(address, data, self._config.peer_request_timeout_s)
+        except HounddError as e:
+            log.debug("oversize datagram not delivered peer=%s:%d error=%s", *address, e)
 
     async def broadcast(self, msg_type: MsgType, payload: Mapping[str, Any]) -> int:
         """Send one datagram to every other alive member; returns how many."""

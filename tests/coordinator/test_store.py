@@ -92,3 +92,26 @@ def test_restarted_core_keeps_term_vote_and_fencing(tmp_path: Path) -> None:
     # And the fencing record holds: a coordinator of an older term is refused.
     again.receive("z", "HEARTBEAT", Heartbeat(3, "z"), 20.0)
     assert again.election.fenced_count == 1
+
+
+def test_progress_commits_skip_the_fsync_outcomes_do_not(tmp_path: Path) -> None:
+    from houndd.coordinator.replica import ResultRecord
+    from houndd.coordinator.results import ItemResult, ItemState
+
+    store = Store(tmp_path / "s.db")
+    store.open()
+
+    def mode() -> int:
+        return int(store.db.execute("PRAGMA synchronous").fetchone()[0])
+
+    pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1, bytes_done=5))
+    store.apply([pulling])
+    assert mode() == 1  # NORMAL
+    done = ResultRecord("p", "n", "x:1", ItemResult(ItemState.DONE, 1, bytes_done=9))
+    store.apply([done])
+    assert mode() == 2  # FULL
+    store.close()
+    again = Store(tmp_path / "s.db")
+    again.open()
+    (loaded,) = [r for r in again.load().records if isinstance(r, ResultRecord)]
+    assert loaded.result.state is ItemState.DONE
