@@ -3,6 +3,7 @@ loose key files."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,3 +110,46 @@ def test_invalid_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "port" in proc.stderr and "integer" in proc.stderr
+
+
+def test_status_and_label_cli_and_unreachable_exit_code(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path)
+    node = cluster.add("cli-node")
+    cluster.start("cli-node")
+    base = [sys.executable, "-m", "houndd"]
+    where = ["--api", node.api, "--token", node.token]
+    try:
+        cluster.wait_ready("cli-node")
+        cluster.wait_for(
+            lambda: cluster.coordinator("cli-node")[0] == "cli-node", 10, "coordinator"
+        )
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*base, *args, *where], capture_output=True, text=True, timeout=30, check=False
+            )
+
+        status = run("status", "--json")
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["coordinator"]["name"] == "cli-node" and data["term"] >= 1
+        assert [m["name"] for m in data["members"]] == ["cli-node"]
+
+        labelled = run("label", "cli-node", "gpu=true", "zone=a")
+        assert labelled.returncode == 0, labelled.stderr
+        assert "gpu=true" in labelled.stdout
+        table = run("status")
+        assert table.returncode == 0 and "cli-node" in table.stdout and "gpu=true" in table.stdout
+        assert run("label", "cli-node", "gpu-").returncode == 0
+        data = json.loads(run("status", "--json").stdout)
+        assert data["members"][0]["labels"] == {"zone": "a"}
+
+        bad = run("label", "cli-node", "no-equals-sign")
+        assert bad.returncode == 2 and "key=value" in bad.stderr
+    finally:
+        cluster.close()
+    gone = subprocess.run(
+        [*base, "status", *where], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert gone.returncode == 3
+    assert "cannot reach" in gone.stderr

@@ -1,0 +1,81 @@
+"""Plan lifecycle through the API of an in-process daemon: cancel aborts in-flight pulls, and a
+node that knows no coordinator answers 503 with Retry-After after a bounded wait."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from houndd.puller.memory import FakeEngine
+from tests.api.harness import RunningDaemon, assert_problem, running_daemon
+from tests.fixtures.images import push_image
+from tests.fixtures.services import Registry
+
+pytestmark = pytest.mark.docker  # the registry fixture (docker-registry, no dockerd)
+
+
+@pytest.fixture
+def slow_node(tmp_path: Path) -> Iterator[RunningDaemon]:
+    engine = FakeEngine(any_image_size=8 << 20, pull_duration_s=30.0, progress_steps=30)
+    with running_daemon(tmp_path / "slow", engine=engine, submit_wait_s=0.5) as node:
+        node.wait_coordinator()
+        yield node
+
+
+def test_cancel_aborts_in_flight_pulls_and_stops_dispatching(
+    slow_node: RunningDaemon, registry: Registry
+) -> None:
+    images = []
+    for i in range(3):
+        push_image(registry.url, f"cancel-{i}", "1", 20_000, seed=300 + i)
+        images.append(f"{registry.address}/cancel-{i}:1")
+    accepted = slow_node.submit(
+        {
+            "name": "to-cancel",
+            "targets": [{"images": images, "all": True}],
+            "policy": {"per_node_parallelism": 1},
+        }
+    )
+    plan_id = accepted["id"]
+    slow_node.wait_for(lambda: slow_node.engine.active == 1 or None, 10, "one pull in flight")
+    resp = slow_node.request("DELETE", f"/v1/plans/{plan_id}")
+    assert resp.status_code == 200, resp.text
+    final = slow_node.wait_plan(plan_id, timeout=10)
+    assert final["state"] == "cancelled"
+    states = sorted(i["state"] for i in final["items"])
+    assert "done" not in states and set(states) <= {"cancelled", "failed"}
+    assert any(i["reason"] == "cancelled" for i in final["items"])
+    slow_node.wait_for(lambda: slow_node.engine.active == 0 or None, 5, "the pull aborted")
+    time.sleep(1.0)  # nothing else is dispatched after the cancel
+    assert slow_node.engine.active == 0
+    assert sum(slow_node.engine.pull_counts.values()) == 1
+
+
+def test_no_coordinator_answers_503_with_retry_after(slow_node: RunningDaemon) -> None:
+    core = slow_node.daemon.service.core
+    slow_node.call(lambda: setattr(core, "coordinator", lambda now: None))
+    try:
+        before = slow_node.get_json("/v1/plans")["plans"]
+        started = time.monotonic()
+        resp = slow_node.request(
+            "POST",
+            "/v1/plans",
+            json={"name": "x", "action": "prune", "targets": [{"images": [], "all": True}]},
+        )
+        waited = time.monotonic() - started
+        problem = assert_problem(resp, 503)
+        assert problem["title"] == "no coordinator"
+        assert resp.headers["Retry-After"]
+        assert 0.4 <= waited < 5.0  # waited for an election, bounded by submit_wait_s
+        assert slow_node.get_json("/v1/plans")["plans"] == before
+    finally:
+        slow_node.call(lambda: delattr(core, "coordinator"))
+    resp = slow_node.request(
+        "POST",
+        "/v1/plans",
+        json={"name": "x", "action": "prune", "targets": [{"images": [], "all": True}]},
+    )
+    assert resp.status_code == 201, resp.text
