@@ -242,17 +242,16 @@ async def _wait(client: Client, plan_id: str, *, live: bool) -> dict[str, Any]:
             await asyncio.sleep(1.0)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _run_submission(args: argparse.Namespace, body: bytes, ctype: str, *, wait: bool) -> int:
+    """Submit a plan; with `wait`, follow it to the end and exit by its outcome."""
     from houndd.render import render_plan, render_submit
-
-    body, ctype = _read_plan_file(args.file)
 
     async def go() -> int:
         async with _client(args) as c:
             accepted = await _submit(c, body, ctype)
             if not args.json:
                 render_submit(accepted)
-            if not args.wait:
+            if not wait:
                 if args.json:
                     _print_json(accepted)
                 return EXIT_OK
@@ -266,31 +265,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    body, ctype = _read_plan_file(args.file)
+    return _run_submission(args, body, ctype, wait=args.wait)
+
+
 def _op_plan(args: argparse.Namespace, action: str) -> int:
-    target: dict[str, Any] = {"all": True} if args.all else {"nodes": list(args.nodes or [])}
+    """`houndd remove IMAGE...` and `houndd prune`: a one-target plan, followed to the end."""
     if not args.all and not args.nodes:
         raise ConfigError("--nodes", "name nodes with --nodes N1 N2 ... or use --all")
-    doc: dict[str, Any] = {"name": f"{action}-{int(time.time())}", "action": action}
-    if action == "prune":
-        doc["targets"] = [{**target, "images": []}]
-    else:
-        doc["targets"] = [{**target, "images": list(args.images)}]
-    body = json.dumps(doc).encode()
-    args.file = "-"
-
-    async def go() -> int:
-        from houndd.render import render_plan
-
-        async with _client(args) as c:
-            accepted = await _submit(c, body, "application/json")
-            final = await _wait(c, accepted["id"], live=False)
-            if args.json:
-                _print_json(final)
-            else:
-                render_plan(final)
-            return _plan_exit_code(final)
-
-    return asyncio.run(go())
+    target: dict[str, Any] = {"all": True} if args.all else {"nodes": list(args.nodes)}
+    doc: dict[str, Any] = {
+        "name": f"{action}-{int(time.time())}",
+        "action": action,
+        "targets": [{**target, "images": list(args.images)}],
+    }
+    return _run_submission(args, json.dumps(doc).encode(), "application/json", wait=True)
 
 
 def cmd_plans(args: argparse.Namespace) -> int:

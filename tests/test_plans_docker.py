@@ -372,3 +372,37 @@ def test_keep_present_covers_nodes_that_match_later_and_lost_images(cluster: Doc
     status, plans = node.get("/v1/plans")
     names = {p["name"] for p in plans["plans"]}
     assert {"keep/keep-present/w1", "keep/keep-present/w2"} <= names
+
+
+def test_cli_remove_and_prune(cluster: DockerCluster) -> None:
+    node = cluster.procs.nodes["w1"]
+    image = cluster.ref("app-d:1")
+    status, accepted = cluster.submit(
+        {"name": "d1", "targets": [{"images": [image], "nodes": ["w1"]}]}
+    )
+    assert cluster.wait_plan(accepted["id"])["state"] == "done"
+    base = [sys.executable, "-m", "houndd"]
+    where = ["--api", node.api, "--token", node.token, "--json"]
+    removed = subprocess.run(
+        [*base, "remove", image, "--nodes", "w1", *where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["action"] == "remove"
+    assert image not in cluster.tags("w1")
+    pruned = subprocess.run(
+        [*base, "prune", "--nodes", "w1", *where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["state"] == "done"
+    usage = subprocess.run(
+        [*base, "prune", *where], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert usage.returncode == 2 and "--nodes" in usage.stderr
