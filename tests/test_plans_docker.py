@@ -377,9 +377,7 @@ def test_keep_present_covers_nodes_that_match_later_and_lost_images(cluster: Doc
 def test_cli_remove_and_prune(cluster: DockerCluster) -> None:
     node = cluster.procs.nodes["w1"]
     image = cluster.ref("app-d:1")
-    _, accepted = cluster.submit(
-        {"name": "d1", "targets": [{"images": [image], "nodes": ["w1"]}]}
-    )
+    _, accepted = cluster.submit({"name": "d1", "targets": [{"images": [image], "nodes": ["w1"]}]})
     assert cluster.wait_plan(accepted["id"])["state"] == "done"
     base = [sys.executable, "-m", "houndd"]
     where = ["--api", node.api, "--token", node.token, "--json"]
