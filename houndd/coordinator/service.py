@@ -82,6 +82,9 @@ PRUNE_ITEM = "(prune)"
 EVENT_POLL_S = 1.0
 """An event stream looks at the replica on every change, and at least this often."""
 MAX_TICK_WAIT_S = 0.5
+HOUSEKEEPING_S = 30.0
+"""How often the executor's records of finished plans are dropped (the core's replica still
+dedupes their items, so nothing is pulled again)."""
 KEEP_PRESENT_MARK = "/keep-present/"
 """Derived plans of a keep_present plan are named `<plan name>/keep-present/<node>`."""
 RESOLVE_CONCURRENCY = 8
@@ -197,7 +200,11 @@ class CoordinatorService:
             self._tg = tg
             try:
                 await self._apply(self._membership_event())
+                housekeeping_at = self._clock() + HOUSEKEEPING_S
                 while True:
+                    if self._clock() >= housekeeping_at:
+                        housekeeping_at = self._clock() + HOUSEKEEPING_S
+                        self._forget_finished()
                     delay = min(core.next_wakeup() - self._clock(), MAX_TICK_WAIT_S)
                     if delay > 0:
                         with contextlib.suppress(TimeoutError):
@@ -206,6 +213,20 @@ class CoordinatorService:
                     await self._apply(core.tick(self._clock()))
             finally:
                 self._tg = None
+
+    def _forget_finished(self) -> None:
+        """Drop the executor's memory of plans that are final here: its job table would
+        otherwise grow for the life of the daemon."""
+        replica = self.core.replica
+        for rec in replica.plans():
+            results = replica.results(rec.plan_id)
+            mine = [
+                results.get((it.node_id, it.image))
+                for it in rec.items
+                if it.node_id == self.node_id
+            ]
+            if replica.cancelled(rec.plan_id) or all(r is not None and r.is_final for r in mine):
+                self.executor.forget(rec.plan_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         if self._tg is None:

@@ -79,3 +79,24 @@ def test_no_coordinator_answers_503_with_retry_after(slow_node: RunningDaemon) -
         json={"name": "x", "action": "prune", "targets": [{"images": [], "all": True}]},
     )
     assert resp.status_code == 201, resp.text
+
+
+def test_housekeeping_forgets_finished_plans_without_pulling_again(
+    tmp_path: Path, registry: Registry
+) -> None:
+    push_image(registry.url, "forget-me", "1", 20_000, seed=501)
+    image = f"{registry.address}/forget-me:1"
+    engine = FakeEngine(any_image_size=1 << 20, pull_duration_s=0.05)
+    with running_daemon(tmp_path / "hk", engine=engine) as node:
+        node.wait_coordinator()
+        plan_id = node.submit({"name": "hk", "targets": [{"images": [image], "all": True}]})["id"]
+        assert node.wait_plan(plan_id)["state"] == "done"
+        executor = node.daemon.executor
+        assert node.call(lambda: executor.reports(plan_id))
+        node.call(node.daemon.service._forget_finished)
+        assert node.call(lambda: executor.reports(plan_id)) == []
+        # the replica still knows the item is done: a new coordinator would not pull it again
+        core = node.daemon.service.core
+        (item,) = node.call(lambda: list(core.replica.results(plan_id).values()))
+        assert item.state.value == "done"
+        assert engine.pull_counts and sum(engine.pull_counts.values()) == 1
