@@ -85,6 +85,22 @@ def _agreed_coordinator(cluster: LocalCluster, names: list[str]) -> str | None:
     return None
 
 
+def _submit_through_follower(
+    cluster: LocalCluster, plan: dict[str, Any]
+) -> tuple[str, int, str, str]:
+    """Submit `plan` to a node that is not the coordinator; returns (coordinator, its term,
+    the node submitted to, plan id)."""
+    names = list(cluster.nodes)
+    coordinator = _agreed_coordinator(cluster, names)
+    assert coordinator is not None
+    _, term = cluster.coordinator(coordinator)
+    via = next(n for n in names if n != coordinator)
+    node = cluster.nodes[via]
+    status, accepted = http("POST", node.api + "/v1/plans", node.token, plan, timeout=30)
+    assert status == 201, accepted
+    return coordinator, term, via, str(accepted["id"])
+
+
 def _plan(cluster: LocalCluster, via: str, plan_id: str) -> dict[str, Any]:
     status, body = cluster.nodes[via].get(f"/v1/plans/{plan_id}")
     assert status == 200, body
@@ -105,20 +121,12 @@ def test_sigkill_coordinator_mid_plan_another_takes_over_and_completes(
 ) -> None:
     cluster = five
     names = list(cluster.nodes)
-    coordinator = _agreed_coordinator(cluster, names)
-    assert coordinator is not None
-    _, old_term = cluster.coordinator(coordinator)
-    via = next(n for n in names if n != coordinator)
     plan = {
         "name": "failover",
         "targets": [{"images": images, "all": True}],
         "policy": {"parallelism": 5, "per_node_parallelism": 1},
     }
-    status, accepted = http(
-        "POST", cluster.nodes[via].api + "/v1/plans", cluster.nodes[via].token, plan, timeout=30
-    )
-    assert status == 201, accepted
-    plan_id = accepted["id"]
+    coordinator, old_term, via, plan_id = _submit_through_follower(cluster, plan)
 
     # let every node finish at least one item, then kill the coordinator mid-plan
     cluster.wait_for(
@@ -169,20 +177,12 @@ def test_sigstop_coordinator_is_fenced_and_steps_down(
 ) -> None:
     cluster = five
     names = list(cluster.nodes)
-    coordinator = _agreed_coordinator(cluster, names)
-    assert coordinator is not None
-    _, old_term = cluster.coordinator(coordinator)
-    via = next(n for n in names if n != coordinator)
     plan = {
         "name": "paused",
         "targets": [{"images": images, "all": True}],
         "policy": {"parallelism": 2, "per_node_parallelism": 1, "timeout": "3s"},
     }
-    status, accepted = http(
-        "POST", cluster.nodes[via].api + "/v1/plans", cluster.nodes[via].token, plan, timeout=30
-    )
-    assert status == 201, accepted
-    plan_id = accepted["id"]
+    coordinator, old_term, via, plan_id = _submit_through_follower(cluster, plan)
 
     cluster.signal(coordinator, signal.SIGSTOP)
     survivors = [n for n in names if n != coordinator]
