@@ -32,16 +32,17 @@ from houndd.coordinator.store import Store
 from houndd.discovery import Discovery, default_route_address
 from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
+from houndd.image.credentials import RegistryAuth
+from houndd.image.registry import RegistryClient
 from houndd.keyfiles import load_or_create_boot_epoch
 from houndd.membership.member import Member, MemberState
 from houndd.membership.service import Membership
 from houndd.membership.transport import PeerRejected, UdpHttpTransport
 from houndd.metrics import Metrics
 from houndd.puller.docker import DockerEngine
-from houndd.puller.engine import Engine, EngineInfo, PruneReport, PullProgress, RegistryAuth
+from houndd.puller.engine import Engine, EngineInfo, PruneReport, PullProgress
 from houndd.puller.executor import Executor, ItemReport
 from houndd.puller.memory import FakeEngine
-from houndd.puller.registry import RegistryClient
 from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
 
 log = logging.getLogger("houndd.daemon")

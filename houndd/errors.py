@@ -68,3 +68,34 @@ class PullTimeout(PullError, TimeoutError):
 
 class EngineUnavailable(HounddError, ConnectionError):
     """The Docker engine cannot be reached."""
+
+
+# Stable failure reasons: users, scripts and the scheduler's retry decision depend on them.
+MANIFEST_UNKNOWN = "manifest unknown"
+UNAUTHORIZED = "unauthorized"
+NO_SPACE = "no space"
+TIMEOUT = "timeout"
+REGISTRY_UNREACHABLE = "registry unreachable"
+CANCELLED = "cancelled"
+ENGINE_UNAVAILABLE = "engine unavailable"
+IMAGE_IN_USE = "image in use"
+# Anything the engine reports that matches none of the above; the detail says what.
+PULL_FAILED = "pull failed"
+
+# Worth retrying: the same request may succeed later without anyone changing anything.
+TRANSIENT_REASONS = frozenset({TIMEOUT, REGISTRY_UNREACHABLE, ENGINE_UNAVAILABLE})
+
+
+class EngineUnavailableError(PullError, EngineUnavailable):
+    """The Docker engine cannot be reached: a transient `PullError` and an `EngineUnavailable`
+    (a `ConnectionError`), so callers catching either see it. Check `docker_host`."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(ENGINE_UNAVAILABLE, detail, transient=True)
+
+
+def pull_error(reason: str, detail: str = "") -> PullError:
+    """A `PullError` whose `transient` flag follows from its reason."""
+    if reason == ENGINE_UNAVAILABLE:
+        return EngineUnavailableError(detail)
+    return PullError(reason, detail, transient=reason in TRANSIENT_REASONS)

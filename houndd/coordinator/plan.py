@@ -41,13 +41,13 @@ from typing import Any, Literal, NamedTuple, cast
 
 import yaml
 
-from houndd.coordinator.reference import (
+from houndd.errors import PlanError
+from houndd.image.reference import (
     _DOMAIN_RE,
     ImageRef,
     normalize_registry,
     parse_reference,
 )
-from houndd.errors import PlanError
 
 __all__ = [
     "MAX_AUTH_ENTRIES",

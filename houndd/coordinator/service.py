@@ -55,7 +55,6 @@ from houndd.coordinator.plan import (
     parse_plan,
     resolve_targets,
 )
-from houndd.coordinator.reference import parse_reference
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.store import Store
 from houndd.errors import (
@@ -66,12 +65,14 @@ from houndd.errors import (
     ReplicationError,
     WireError,
 )
+from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import parse_reference
+from houndd.image.registry import RegistryClient
 from houndd.membership.member import Member, MemberState
 from houndd.membership.service import Membership
 from houndd.metrics import Metrics
-from houndd.puller.engine import Engine, RegistryAuth
+from houndd.puller.engine import Engine
 from houndd.puller.executor import Executor, ItemReport, WorkItem
-from houndd.puller.registry import RegistryClient
 from houndd.wire import Keyring, MsgType
 from houndd.wire.codec import Envelope
 
@@ -791,7 +792,7 @@ class CoordinatorService:
 
 
 def _auth_for(image: str, credentials: Mapping[str, Mapping[str, str]]) -> RegistryAuth | None:
-    from houndd.coordinator.reference import parse_reference
+    from houndd.image.reference import parse_reference
 
     ref = parse_reference(image)
     cred = credentials.get(ref.registry)

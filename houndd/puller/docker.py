@@ -11,23 +11,20 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from houndd.coordinator.reference import ImageRef, InvalidReference, parse_reference
-from houndd.errors import PullError
-from houndd.puller.credentials import credentials_for
-from houndd.puller.engine import (
+from houndd.errors import (
     IMAGE_IN_USE,
     MANIFEST_UNKNOWN,
     NO_SPACE,
     PULL_FAILED,
     REGISTRY_UNREACHABLE,
     UNAUTHORIZED,
-    EngineInfo,
     EngineUnavailableError,
-    PruneReport,
-    PullProgress,
-    RegistryAuth,
+    PullError,
     pull_error,
 )
+from houndd.image.credentials import RegistryAuth, credentials_for
+from houndd.image.reference import ImageRef, InvalidReference, parse_reference
+from houndd.puller.engine import EngineInfo, PruneReport, PullProgress
 
 __all__ = ["DockerEngine", "classify_pull_error"]
 

@@ -7,74 +7,12 @@ suite (tests/puller/test_conformance.py) runs against both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from houndd.errors import EngineUnavailable, PullError
+from houndd.image.credentials import RegistryAuth
 
-__all__ = [
-    "CANCELLED",
-    "ENGINE_UNAVAILABLE",
-    "IMAGE_IN_USE",
-    "MANIFEST_UNKNOWN",
-    "NO_SPACE",
-    "PULL_FAILED",
-    "REGISTRY_UNREACHABLE",
-    "TIMEOUT",
-    "TRANSIENT_REASONS",
-    "UNAUTHORIZED",
-    "Engine",
-    "EngineInfo",
-    "EngineUnavailableError",
-    "PruneReport",
-    "PullProgress",
-    "RegistryAuth",
-    "pull_error",
-]
-
-# Stable failure reasons: users, scripts and the scheduler's retry decision depend on them.
-MANIFEST_UNKNOWN = "manifest unknown"
-UNAUTHORIZED = "unauthorized"
-NO_SPACE = "no space"
-TIMEOUT = "timeout"
-REGISTRY_UNREACHABLE = "registry unreachable"
-CANCELLED = "cancelled"
-ENGINE_UNAVAILABLE = "engine unavailable"
-IMAGE_IN_USE = "image in use"
-# Anything the engine reports that matches none of the above; the detail says what.
-PULL_FAILED = "pull failed"
-
-# Worth retrying: the same request may succeed later without anyone changing anything.
-TRANSIENT_REASONS = frozenset({TIMEOUT, REGISTRY_UNREACHABLE, ENGINE_UNAVAILABLE})
-
-
-class EngineUnavailableError(PullError, EngineUnavailable):
-    """The Docker engine cannot be reached: a transient `PullError` and an `EngineUnavailable`
-    (a `ConnectionError`), so callers catching either see it. Check `docker_host`."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(ENGINE_UNAVAILABLE, detail, transient=True)
-
-
-def pull_error(reason: str, detail: str = "") -> PullError:
-    """A `PullError` whose `transient` flag follows from its reason."""
-    if reason == ENGINE_UNAVAILABLE:
-        return EngineUnavailableError(detail)
-    return PullError(reason, detail, transient=reason in TRANSIENT_REASONS)
-
-
-@dataclass(frozen=True)
-class RegistryAuth:
-    """Credentials for one registry. The password never appears in repr or str."""
-
-    username: str
-    password: str = field(repr=False)
-    server: str = ""
-
-    def __repr__(self) -> str:
-        return f"RegistryAuth(username={self.username!r}, password='***', server={self.server!r})"
-
-    __str__ = __repr__
+__all__ = ["Engine", "EngineInfo", "PruneReport", "PullProgress"]
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from houndd.coordinator.reference import InvalidReference, parse_reference
-from houndd.errors import PullError, PullTimeout
-from houndd.puller.engine import (
-    CANCELLED,
-    PULL_FAILED,
-    Engine,
-    PullProgress,
-    RegistryAuth,
-)
+from houndd.errors import CANCELLED, PULL_FAILED, PullError, PullTimeout
+from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import InvalidReference, parse_reference
+from houndd.puller.engine import Engine, PullProgress
 
 __all__ = ["Executor", "ItemReport", "ItemState", "Op", "PullPolicy", "WorkItem"]
 

@@ -15,19 +15,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from houndd.coordinator.reference import ImageRef, InvalidReference, parse_reference
-from houndd.errors import PullError
-from houndd.puller.engine import (
+from houndd.errors import (
     MANIFEST_UNKNOWN,
     PULL_FAILED,
     TRANSIENT_REASONS,
     UNAUTHORIZED,
-    EngineInfo,
-    PruneReport,
-    PullProgress,
-    RegistryAuth,
+    PullError,
     pull_error,
 )
+from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import ImageRef, InvalidReference, parse_reference
+from houndd.puller.engine import EngineInfo, PruneReport, PullProgress
 
 __all__ = ["FakeEngine", "FakeImage"]
 

@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import requests
 
 from houndd import config as houndd_config
-from houndd.coordinator.reference import parse_reference
 from houndd.daemon import Daemon
 from houndd.errors import PullError
-from houndd.puller.engine import RegistryAuth
+from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import parse_reference
+from houndd.image.registry import Resolved
 from houndd.puller.memory import FakeEngine
-from houndd.puller.registry import Resolved
 from houndd.wire import Keyring, derive_api_token
 from tests.procs import free_port
 

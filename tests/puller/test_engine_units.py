@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from houndd.errors import EngineUnavailable, PullError
-from houndd.puller.credentials import credentials_for
+from houndd.errors import EngineUnavailable, EngineUnavailableError, PullError, pull_error
+from houndd.image.credentials import RegistryAuth, credentials_for
 from houndd.puller.docker import DockerEngine, _LayerProgress, classify_pull_error
-from houndd.puller.engine import EngineUnavailableError, PullProgress, RegistryAuth, pull_error
+from houndd.puller.engine import PullProgress
 from houndd.puller.memory import FakeEngine
 
 

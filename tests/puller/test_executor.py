@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from houndd.puller.engine import RegistryAuth
+from houndd.image.credentials import RegistryAuth
 from houndd.puller.executor import Executor, ItemReport, WorkItem
 from houndd.puller.memory import FakeEngine
 from tests.puller.waiting import eventually

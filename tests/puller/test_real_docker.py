@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from houndd.image.credentials import RegistryAuth
 from houndd.puller.docker import DockerEngine
-from houndd.puller.engine import PullProgress, RegistryAuth
+from houndd.puller.engine import PullProgress
 from houndd.puller.executor import Executor, ItemReport, WorkItem
 from tests.fixtures.images import push_image
 from tests.fixtures.services import Dockerd, Registry, start_dockerd

@@ -16,17 +16,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from houndd.coordinator.reference import parse_reference
 from houndd.errors import PullError
-from houndd.puller.docker import DockerEngine
-from houndd.puller.engine import RegistryAuth
-from houndd.puller.executor import WorkItem
-from houndd.puller.registry import (
+from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import parse_reference
+from houndd.image.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     RegistryClient,
 )
+from houndd.puller.docker import DockerEngine
+from houndd.puller.executor import WorkItem
 from tests.fixtures.docker import AUTH_USER
 from tests.fixtures.images import push_image_detailed
 from tests.fixtures.services import Dockerd, Registry, free_port

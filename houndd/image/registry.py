@@ -20,17 +20,16 @@ from typing import Any
 
 import aiohttp
 
-from houndd.coordinator.reference import ImageRef, InvalidReference, parse_reference
-from houndd.errors import PullError
-from houndd.puller.credentials import credentials_for
-from houndd.puller.engine import (
+from houndd.errors import (
     MANIFEST_UNKNOWN,
     PULL_FAILED,
     REGISTRY_UNREACHABLE,
     UNAUTHORIZED,
-    RegistryAuth,
+    PullError,
     pull_error,
 )
+from houndd.image.credentials import RegistryAuth, credentials_for
+from houndd.image.reference import ImageRef, InvalidReference, parse_reference
 
 __all__ = [
     "DOCKER_MANIFEST",

@@ -11,12 +11,12 @@ import binascii
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from houndd.coordinator.reference import DOCKER_HUB_REGISTRY, normalize_registry
-from houndd.puller.engine import RegistryAuth
+from houndd.image.reference import DOCKER_HUB_REGISTRY, normalize_registry
 
-__all__ = ["credentials_for", "default_docker_config_path"]
+__all__ = ["RegistryAuth", "credentials_for", "default_docker_config_path"]
 
 log = logging.getLogger("houndd.puller")
 
@@ -24,6 +24,20 @@ log = logging.getLogger("houndd.puller")
 _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", DOCKER_HUB_REGISTRY)
 # A config file larger than this is not a Docker client config; don't read it into memory.
 _MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for one registry. The password never appears in repr or str."""
+
+    username: str
+    password: str = field(repr=False)
+    server: str = ""
+
+    def __repr__(self) -> str:
+        return f"RegistryAuth(username={self.username!r}, password='***', server={self.server!r})"
+
+    __str__ = __repr__
 
 
 def default_docker_config_path() -> Path:

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from houndd.coordinator.reference import (
+from houndd.errors import PlanError
+from houndd.image.reference import (
     ImageRef,
     InvalidReference,
     parse_digest,
     parse_reference,
 )
-from houndd.errors import PlanError
 
 SHA = "sha256:" + "ab" * 32
 HUB = "registry-1.docker.io"
