@@ -1,19 +1,21 @@
-"""`RegistryClient`: resolve an image tag to one digest and its download size (registry API v2).
+"""`RegistryClient`: the registry HTTP API v2 as houndd needs it.
 
-Speaks enough of the distribution API for that: manifest GET with every manifest media type
-in Accept, the linux/amd64 entry of an index, anonymous access, HTTP basic auth and the
+Resolving a tag to one digest and its download size (manifest GET with every manifest media
+type in Accept, the linux/amd64 entry of an index), fetching a manifest by digest, and
+streaming a blob from an offset (for blob sharing). Anonymous access, HTTP basic auth and the
 bearer-token flow (RFC 6750 challenge -> token endpoint, with basic credentials if any).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ _ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIF
 _MAX_MANIFEST_BYTES = 4 << 20
 _MAX_TOKEN_BYTES = 1 << 20
 _PLATFORM = ("linux", "amd64")
+_BLOB_CHUNK_BYTES = 1 << 16
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^,\s]*))')
 
 
@@ -155,6 +158,73 @@ class RegistryClient:
         log.debug("resolved ref=%s digest=%s size=%d media_type=%s", ref, digest, size, size_media)
         return Resolved(digest=digest, size_bytes=size, media_type=media_type)
 
+    def _start(self, name: str, auth: RegistryAuth | None) -> tuple[ImageRef, _Authorizer, str]:
+        try:
+            parsed = parse_reference(name)
+        except InvalidReference as e:
+            raise PullError(PULL_FAILED, str(e)) from None
+        if auth is None:
+            auth = credentials_for(parsed.registry, self._docker_config_path)
+        session = self._session or self._session_factory()
+        self._session = session
+        return parsed, _Authorizer(session, parsed, auth, self._timeout), self._base_url(parsed)
+
+    async def manifest(
+        self, name: str, digest: str, auth: RegistryAuth | None = None
+    ) -> tuple[bytes, str]:
+        """The manifest (or index) `digest` of repository `name`, verified against the
+        digest, and its media type. Raises PullError like `resolve`."""
+        parsed, authorizer, base = self._start(name, auth)
+        session = self._session
+        assert session is not None
+        body, media_type, _ = await self._manifest(session, authorizer, base, parsed, digest)
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        if actual != digest:
+            raise pull_error(PULL_FAILED, f"registry sent manifest {actual} for {digest}")
+        return body, media_type
+
+    async def stream_blob(
+        self,
+        name: str,
+        digest: str,
+        *,
+        auth: RegistryAuth | None = None,
+        offset: int = 0,
+        connect_timeout_s: float = 30.0,
+    ) -> AsyncIterator[bytes]:
+        """The bytes of blob `digest` of repository `name` from `offset` on, as they arrive.
+
+        Not verified here: the caller hashes the whole blob. Raises PullError:
+        "unauthorized", "manifest unknown" (no such blob), "registry unreachable" (also when
+        the connection breaks mid-blob), "pull failed".
+        """
+        parsed, authorizer, base = self._start(name, auth)
+        url = f"{base}/v2/{parsed.repository}/blobs/{digest}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # No total timeout: a large blob on a slow link takes as long as it takes; the
+        # caller detects a stall between chunks.
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        try:
+            async with authorizer.open(url, headers, limits) as resp:
+                if resp.status in (401, 403):
+                    raise pull_error(UNAUTHORIZED, f"{parsed.registry}/{parsed.repository}: blob")
+                if resp.status == 404:
+                    raise pull_error(MANIFEST_UNKNOWN, f"{name}: blob {digest} unknown")
+                if resp.status == 429 or resp.status >= 500:
+                    raise pull_error(REGISTRY_UNREACHABLE, f"{parsed.registry}: HTTP {resp.status}")
+                if resp.status not in (200, 206):
+                    raise pull_error(PULL_FAILED, f"{parsed.registry}: HTTP {resp.status} for blob")
+                skip = offset if resp.status == 200 else 0  # the registry ignored our Range
+                async for data in resp.content.iter_chunked(_BLOB_CHUNK_BYTES):
+                    cut = min(skip, len(data))
+                    skip -= cut
+                    if cut < len(data):
+                        yield data[cut:] if cut else data
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise pull_error(
+                REGISTRY_UNREACHABLE, f"{parsed.registry}: {type(e).__name__}: {e}"
+            ) from None
+
     async def _manifest(
         self,
         session: aiohttp.ClientSession,
@@ -208,22 +278,52 @@ class _Authorizer:
         self, url: str, headers: Mapping[str, str], limit: int
     ) -> tuple[int, Mapping[str, str], bytes]:
         status, resp_headers, body = await self._get(url, headers, limit)
-        if status != 401:
+        if status != 401 or not await self._answer(resp_headers.get("WWW-Authenticate", "")):
             return status, resp_headers, body
-        challenge = resp_headers.get("WWW-Authenticate", "")
+        return await self._get(url, headers, limit)
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, url: str, headers: Mapping[str, str], limits: aiohttp.ClientTimeout
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streaming GET, after answering one 401 challenge (blob downloads)."""
+        resp = await self._request(url, headers, limits)
+        if resp.status == 401:
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            if await self._answer(challenge):
+                resp.release()
+                resp = await self._request(url, headers, limits)
+        try:
+            yield resp
+        finally:
+            resp.release()
+
+    async def _request(
+        self, url: str, headers: Mapping[str, str], limits: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        all_headers = dict(headers)
+        if self._authorization is not None:
+            all_headers["Authorization"] = self._authorization
+        # aiohttp drops Authorization when a redirect leaves the origin (blob storage URLs)
+        return await self._session.get(
+            url, headers=all_headers, timeout=limits, allow_redirects=True
+        )
+
+    async def _answer(self, challenge: str) -> bool:
+        """Set credentials for a 401 challenge; False if there is nothing to answer with."""
         scheme, params = _parse_challenge(challenge)
         if scheme == "basic":
             if self._auth is None:
-                return status, resp_headers, body
+                return False
             self._authorization = _basic(self._auth)
-        elif scheme == "bearer":
+            return True
+        if scheme == "bearer":
             token = await self._token(params)
             if token is None:
-                return status, resp_headers, body
+                return False
             self._authorization = f"Bearer {token}"
-        else:
-            return status, resp_headers, body
-        return await self._get(url, headers, limit)
+            return True
+        return False
 
     async def _get(
         self, url: str, headers: Mapping[str, str], limit: int

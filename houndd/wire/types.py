@@ -47,6 +47,7 @@ class MsgType(IntEnum):
     FENCED = 31
     PLAN_ABORT = 32
     ABORT = 33
+    BLOB_GET = 34
 
 
 class WireRefused(WireError):

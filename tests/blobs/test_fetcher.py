@@ -1,0 +1,195 @@
+"""The fetcher over in-memory transfers: one download per blob, sources in tree order,
+resumption after a failing peer, wrong bytes detected and never handed out as complete."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from houndd.blobs.fetcher import Restarted
+from houndd.blobs.memory import digest_of
+from houndd.blobs.source import SourceError
+from houndd.blobs.tree import REGISTRY, Source, rank
+from houndd.errors import MANIFEST_UNKNOWN, NO_SPACE, UNAUTHORIZED, PullError, pull_error
+from tests.blobs.conftest import ME, RigFactory
+
+SIZE = 200_000
+
+
+def peers_where(digest: str, *, me_rank: int, n: int = 4) -> tuple[str, ...]:
+    """Node ids such that ME has rank `me_rank` in the blob's tree."""
+    i = 0
+    while True:
+        nodes = (*(f"{i * 10 + k:016x}" for k in range(1, n)), ME)
+        if rank(digest, nodes).index(ME) == me_rank:
+            return nodes
+        i += 1
+
+
+async def test_root_fetches_from_the_registry_once_for_all_readers(rig: RigFactory) -> None:
+    async with rig() as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        r.transfers.delay_s = 0.001
+        want = r.want(digest, SIZE)
+        results = await asyncio.gather(*(r.read(want) for _ in range(5)))
+        assert all(x == data for x in results)
+        assert r.transfers.sent[""] == SIZE  # one download for five readers
+        assert digest in r.cache
+        assert await r.read(want, 1000) == data[1000:]  # then from the cache
+        assert r.transfers.sent[""] == SIZE
+        assert r.fetcher.stats.cache_hits == 1
+
+
+async def test_a_leaf_pulls_through_its_parent_not_the_registry(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=2)
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        parent = rank(digest, nodes)[1]
+        assert r.transfers.sent == {parent: SIZE}
+        first, _, offset = r.transfers.requests[0]
+        assert first.node_id == parent and first.through and offset == 0
+
+
+async def test_a_peer_dying_mid_blob_resumes_elsewhere_from_the_same_offset(
+    rig: RigFactory,
+) -> None:
+    async with rig(fanout=1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=2)
+        parent, grand = rank(digest, nodes)[1], rank(digest, nodes)[0]
+        r.transfers.fault(parent, "die", after_bytes=70_000)
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        assert r.transfers.sent[parent] == 70_000
+        assert r.transfers.sent[grand] == SIZE - 70_000  # only the rest, via Range
+        # the broken connection is tried once more (it made progress), then the grandparent
+        asked = [(s.node_id, offset) for s, _, offset in r.transfers.requests]
+        assert asked == [(parent, 0), (parent, 70_000), (grand, 70_000)]
+        assert r.transfers.sent[""] == 0
+        assert r.fetcher.stats.source_failures["unreachable"] == 2
+
+
+async def test_a_stalled_peer_is_abandoned_after_the_stall_timeout(rig: RigFactory) -> None:
+    async with rig(fanout=1, stall_s=0.2) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        parent = rank(digest, nodes)[0]
+        r.transfers.fault(parent, "stall", after_bytes=50_000)
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        assert r.transfers.sent[parent] == 50_000
+        assert r.fetcher.stats.source_failures["stalled"] == 1
+
+
+async def test_wrong_bytes_are_never_served_complete_and_the_peer_is_avoided(
+    rig: RigFactory,
+) -> None:
+    async with rig(fanout=1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        bad = rank(digest, nodes)[0]
+        r.transfers.fault(bad, "corrupt", after_bytes=SIZE - 10)
+        want = r.want(digest, SIZE, nodes)
+        got = b""
+        with pytest.raises(Restarted):
+            async for chunk in r.fetcher.open(want):
+                got += chunk
+        assert len(got) < SIZE  # the reader never had a whole (wrong) blob
+        # the download started over without the bad peer and finished from the registry
+        assert await r.read(want) == data
+        assert r.fetcher.avoided("plan-1") == {bad}
+        assert r.fetcher.stats.verify_failures["peer"] == 1
+        assert r.transfers.sent[""] == SIZE
+
+
+async def test_an_avoided_peer_stays_avoided_for_the_plan(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        first, second = os.urandom(SIZE), os.urandom(SIZE)
+        d1, d2 = r.transfers.publish(first), r.transfers.publish(second)
+        nodes = peers_where(d1, me_rank=1)
+        bad = rank(d1, nodes)[0]
+        r.transfers.fault(bad, "corrupt")
+        with pytest.raises(Restarted):
+            await r.read(r.want(d1, SIZE, nodes))
+        assert await r.read(r.want(d1, SIZE, nodes)) == first
+        r.transfers.requests.clear()
+        assert await r.read(r.want(d2, SIZE, nodes)) == second
+        assert bad not in {s.node_id for s, _, _ in r.transfers.requests}
+
+
+async def test_registry_failures_reach_the_readers_with_their_reason(rig: RigFactory) -> None:
+    async with rig() as r:
+        data = os.urandom(1000)
+        digest = digest_of(data)  # never published
+        with pytest.raises(PullError) as info:
+            await r.read(r.want(digest, 1000))
+        assert info.value.reason == MANIFEST_UNKNOWN
+        assert digest not in r.cache and r.cache.used_bytes == 0
+
+        digest = r.transfers.publish(data)
+        r.transfers.fault("", "down")
+        with pytest.raises(PullError) as info:
+            await r.read(r.want(digest, 1000))
+        assert info.value.reason == "registry unreachable" and info.value.transient
+
+
+async def test_unauthorized_registry_is_not_retried_through_peers(rig: RigFactory) -> None:
+    async with rig() as r:
+        data = os.urandom(1000)
+        digest = r.transfers.publish(data)
+        r.transfers.give("0000000000000001", data)  # a holder exists, but asking is pointless
+        original = r.transfers._lookup
+
+        def lookup(source: Source, digest_: str) -> bytes:
+            if source.is_registry:
+                raise SourceError("upstream", "401", pull_error(UNAUTHORIZED, "HTTP 401"))
+            return original(source, digest_)
+
+        r.transfers._lookup = lookup  # type: ignore[method-assign]
+        with pytest.raises(PullError) as info:
+            await r.read(r.want(digest, 1000, peers_where(digest, me_rank=0)))
+        assert info.value.reason == UNAUTHORIZED
+        assert [s for s, _, _ in r.transfers.requests] == [REGISTRY]
+
+
+async def test_no_space_is_raised_before_anything_is_fetched(rig: RigFactory) -> None:
+    async with rig(cap=100_000) as r:
+        digest = r.transfers.publish(os.urandom(SIZE))
+        with pytest.raises(PullError) as info:
+            r.fetcher.open(r.want(digest, SIZE))
+        assert info.value.reason == NO_SPACE
+        assert r.transfers.requests == []
+
+
+async def test_a_request_that_would_loop_is_refused(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        r.transfers.delay_s = 0.01
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        parent = rank(digest, nodes)[0]
+        reader = r.fetcher.open(r.want(digest, SIZE, nodes))
+        await anext(reader)  # the download now reads from the parent
+        assert r.fetcher.downloading(digest) is not None
+        with pytest.raises(SourceError) as info:
+            r.fetcher.open(r.want(digest, SIZE, nodes, chain=(parent,)))
+        assert info.value.kind == "loop"
+        rest = b"".join([c async for c in reader])
+        assert len(rest) == SIZE - min(len(data), r.transfers.chunk_bytes)
+
+
+async def test_dead_members_are_skipped_and_the_tree_rerooted(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        root = rank(digest, nodes)[0]
+        r.down.add(root)  # membership says the root is dead: ME becomes the root
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        assert r.transfers.sent == {"": SIZE}
