@@ -129,6 +129,42 @@ class Config:
     # --- puller ---
     progress_interval_s: float = _doc("pull progress reported at most this often", default=0.5)
 
+    # --- blob sharing ---
+    p2p: bool = _doc(
+        "share image blobs between members: dockerd pulls through a loopback registry of "
+        "houndd fed by the cache, peers, then the registry (false: dockerd pulls directly)",
+        default=True,
+    )
+    blob_cache_bytes: int = _doc(
+        "size cap of the blob cache under state_dir/blobs; least recently used blobs go first",
+        default=10 * 1024**3,
+    )
+    blob_disk_reserve_bytes: int = _doc(
+        "free disk space the blob cache never uses; a blob that would eat into it fails the "
+        "item with 'no space'",
+        default=1024**3,
+    )
+    blob_fanout: int = _doc(
+        "children per node in a blob's distribution tree (each serves at most this many)",
+        default=3,
+    )
+    blob_max_uploads: int = _doc(
+        "blob uploads to peers at once; more requests are turned away (503) to other sources",
+        default=8,
+    )
+    blob_upload_limit_mbit: float = _doc(
+        "cap on this node's blob upload rate to peers, Mbit/s (0: no cap)", default=0.0
+    )
+    blob_stall_timeout_s: float = _doc(
+        "a blob source that sends nothing for this long is abandoned; the transfer resumes "
+        "from another source",
+        default=10.0,
+    )
+    blob_loopback_port: int = _doc(
+        "port of the loopback registry on 127.0.0.1 that dockerd pulls through (0: any free)",
+        default=0,
+    )
+
     def __post_init__(self) -> None:
         _validate(self)
 
@@ -184,6 +220,7 @@ _LOCAL_TIMINGS: dict[str, Any] = {
     "keep_present_interval_s": 1.0,
     "submit_wait_s": 5.0,
     "progress_interval_s": 0.2,
+    "blob_stall_timeout_s": 3.0,
 }
 
 PRESETS = ("lan", "local")
@@ -227,6 +264,17 @@ def _validate(c: Config) -> None:
         raise ConfigError("election_timeout_min_s", "must not exceed election_timeout_max_s")
     if c.probe_timeout_s >= c.probe_interval_s:
         raise ConfigError("probe_timeout_s", "must be smaller than probe_interval_s")
+    if not 0 <= c.blob_loopback_port < 65536:
+        raise ConfigError("blob_loopback_port", f"expected 0..65535, got {c.blob_loopback_port}")
+    for key in ("blob_cache_bytes", "blob_fanout", "blob_max_uploads"):
+        if getattr(c, key) < 1:
+            raise ConfigError(key, f"expected >= 1, got {getattr(c, key)}")
+    if c.blob_disk_reserve_bytes < 0:
+        raise ConfigError("blob_disk_reserve_bytes", "expected >= 0")
+    if not c.blob_upload_limit_mbit >= 0:
+        raise ConfigError(
+            "blob_upload_limit_mbit", f"expected >= 0 (0: no cap), got {c.blob_upload_limit_mbit}"
+        )
     for seed in c.seeds:
         host, sep, port = seed.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

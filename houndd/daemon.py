@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,8 @@ from aiohttp import web
 
 from houndd import __version__
 from houndd.api.app import make_app
+from houndd.api.problems import ProblemError
+from houndd.blobs import BlobSharing
 from houndd.config import Config
 from houndd.coordinator.service import CoordinatorService
 from houndd.coordinator.store import Store
@@ -33,6 +35,7 @@ from houndd.discovery import Discovery, default_route_address
 from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import ImageRef
 from houndd.image.registry import RegistryClient
 from houndd.keyfiles import load_or_create_boot_epoch
 from houndd.membership.member import Member, MemberState
@@ -41,7 +44,7 @@ from houndd.membership.transport import PeerRejected, UdpHttpTransport
 from houndd.metrics import Metrics
 from houndd.puller.docker import DockerEngine
 from houndd.puller.engine import Engine, EngineInfo, PruneReport, PullProgress
-from houndd.puller.executor import Executor, ItemReport
+from houndd.puller.executor import Executor, ItemReport, PullRoute
 from houndd.puller.memory import FakeEngine
 from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
 
@@ -138,6 +141,30 @@ class CountingEngine:
         await self._engine.close()
 
 
+class CountingRoute:
+    """A blob-sharing pull is one engine pull to `houndd_engine_pulls_total`, however many
+    engine calls the route makes."""
+
+    def __init__(self, route: PullRoute, metrics: Metrics) -> None:
+        self._route = route
+        self._metrics = metrics
+
+    async def pull(
+        self,
+        image: ImageRef,
+        digest: str,
+        *,
+        auth: RegistryAuth | None,
+        plan_id: str,
+        nodes: Sequence[str],
+        progress: Callable[[PullProgress], None],
+    ) -> None:
+        self._metrics.engine_pulls.inc()
+        await self._route.pull(
+            image, digest, auth=auth, plan_id=plan_id, nodes=nodes, progress=progress
+        )
+
+
 def advertise_host(config: Config) -> str:
     if config.advertise:
         return config.advertise
@@ -181,6 +208,7 @@ class Daemon:
         self.registry: RegistryClient
         self.store: Store
         self.service: CoordinatorService
+        self.blobs: BlobSharing | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -209,9 +237,8 @@ class Daemon:
         self.store = Store(config.db_path)
         self.store.open()  # sqlite objects stay on the loop thread
 
-        self.engine = CountingEngine(
-            self._engine_override or make_engine(config.effective_docker_host), self.metrics
-        )
+        raw_engine = self._engine_override or make_engine(config.effective_docker_host)
+        self.engine = CountingEngine(raw_engine, self.metrics)
         await self._refresh_engine()
 
         self.transport = UdpHttpTransport(config, advertise_host=host)
@@ -244,11 +271,15 @@ class Daemon:
         self.registry = RegistryClient(
             aiohttp.ClientSession, insecure_registries=config.insecure_registries
         )
+        self.blobs = self._blob_sharing(raw_engine)
+        if self.blobs is not None:
+            await self.blobs.start()
         self.executor = Executor(
             self.engine,
             node_id=self.wire.node_id,
             progress_interval_s=config.progress_interval_s,
             on_report=self._on_report,
+            route=CountingRoute(self.blobs.route, self.metrics) if self.blobs else None,
         )
         self.service = CoordinatorService(
             config,
@@ -283,6 +314,32 @@ class Daemon:
             info.server_version if info else "unavailable",
         )
 
+    def _blob_sharing(self, engine: Engine) -> BlobSharing | None:
+        """Blob sharing needs a real dockerd behind the engine (the fake engine pulls from
+        its own in-memory registry, not through a loopback one)."""
+        if not self.config.p2p:
+            return None
+        if not isinstance(engine, DockerEngine):
+            log.info("blob sharing off: the engine is not a Docker daemon")
+            return None
+
+        def address_of(node_id: str) -> tuple[str, int] | None:
+            member = self.membership.get(node_id)
+            return (member.host, member.port) if member is not None else None
+
+        def usable(node_id: str) -> bool:
+            member = self.membership.get(node_id)
+            return member is not None and member.state in (MemberState.ALIVE, MemberState.SUSPECT)
+
+        return BlobSharing(
+            self.config,
+            wire=self.wire,
+            engine=engine,
+            registry=self.registry,
+            address_of=address_of,
+            usable=usable,
+        )
+
     async def run(self) -> None:
         """Start everything, serve until a stop is requested, then shut down in order."""
         try:
@@ -293,6 +350,8 @@ class Daemon:
                 tg.create_task(self.membership.run())
                 tg.create_task(self.discovery.run())
                 tg.create_task(self.executor.run())
+                if self.blobs is not None:
+                    tg.create_task(self.blobs.run())
                 tg.create_task(self.service.run())
                 tg.create_task(self.service.keep_present_loop())
                 tg.create_task(self._engine_loop())
@@ -320,7 +379,7 @@ class Daemon:
         self._shutdown_done = True
         if self._runner is not None:
             await self._runner.cleanup()
-        for closer in ("discovery", "transport", "engine", "registry"):
+        for closer in ("discovery", "blobs", "transport", "engine", "registry"):
             part = getattr(self, closer, None)
             if part is not None:
                 with contextlib.suppress(Exception):
@@ -391,6 +450,66 @@ class Daemon:
         )
         self.metrics.watch(
             "houndd_plans", "plans by state", ("state",), self.service.plans_by_state
+        )
+        if self.blobs is not None:
+            self._watch_blob_metrics(self.blobs)
+
+    def _watch_blob_metrics(self, blobs: BlobSharing) -> None:
+        stats = blobs.stats
+
+        def by(
+            counter: Mapping[str, int], *keys: str
+        ) -> Callable[[], dict[tuple[str, ...], float]]:
+            return lambda: {(k,): float(counter.get(k, 0)) for k in {*keys, *counter}}
+
+        m = self.metrics
+        m.watch_counter(
+            "houndd_blob_fetched_bytes",
+            "blob bytes this node received into its cache, by source",
+            ("source",),
+            by(stats.fetched_bytes, "registry", "peer"),
+        )
+        m.watch_counter(
+            "houndd_blob_served_bytes",
+            "blob bytes this node served, to its own dockerd or to peers",
+            ("reader",),
+            by(stats.served_bytes, "dockerd", "peer"),
+        )
+        m.watch_counter(
+            "houndd_blob_verify_failures",
+            "blobs that did not match their digest, by who sent the bytes",
+            ("source",),
+            by(stats.verify_failures, "registry", "peer"),
+        )
+        m.watch_counter(
+            "houndd_blob_source_failures",
+            "blob transfers that failed and moved on to another source, by kind",
+            ("kind",),
+            by(stats.source_failures),
+        )
+        m.watch_counter(
+            "houndd_blob_cache_hits",
+            "blob requests answered from the complete cache",
+            (),
+            lambda: {(): float(stats.cache_hits)},
+        )
+        m.watch_counter(
+            "houndd_blob_cache_evictions",
+            "blobs evicted from the cache to make room",
+            (),
+            lambda: {(): float(blobs.cache.evictions)},
+        )
+        m.watch(
+            "houndd_blob_cache_bytes",
+            "bytes of complete blobs in the cache",
+            (),
+            lambda: {(): float(blobs.cache.stored_bytes)},
+        )
+        m.watch(
+            "houndd_blob_uploads",
+            "blob uploads to peers in progress",
+            (),
+            lambda: {(): float(blobs.limiter.active)},
         )
 
     def _on_report(self, report: ItemReport) -> None:
@@ -520,6 +639,11 @@ class Daemon:
             raise _http_error(e.status, str(e)) from None
         except WireError as e:
             raise _http_error(400, f"refused: {e}") from None
+
+    async def peer_blob(self, request: web.Request) -> web.StreamResponse:
+        if self.blobs is None:
+            raise ProblemError(404, "blob sharing is off", "this node does not share blobs")
+        return await self.blobs.handle_peer(request)
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()

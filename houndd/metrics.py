@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -20,11 +20,15 @@ class _Callback(Collector):
         doc: str,
         labels: tuple[str, ...],
         read: Callable[[], Mapping[tuple[str, ...], float]],
+        *,
+        counter: bool = False,
     ) -> None:
         self.name, self.doc, self.labels, self.read = name, doc, labels, read
+        self.counter = counter
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.doc, labels=list(self.labels))
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        family = kind(self.name, self.doc, labels=list(self.labels))
         for key, value in self.read().items():
             family.add_metric(list(key), value)
         yield family
@@ -75,6 +79,16 @@ class Metrics:
     ) -> None:
         """Expose values computed at scrape time (members by state, items by state, ...)."""
         self.registry.register(_Callback(name, doc, labels, read))
+
+    def watch_counter(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        """Like `watch`, for values that only grow (exposed as `<name>_total`)."""
+        self.registry.register(_Callback(name, doc, labels, read, counter=True))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -3,8 +3,8 @@
 Handlers are thin: they parse input, call the node facade (`NodeApi`), and render JSON. All
 errors leave as `application/problem+json`. Authentication: `Authorization: Bearer <token>` with
 a token derived from an installed cluster key (or a configured API token) on everything but
-`/v1/health`, `/metrics` and `/v1/openapi.json`; `/v1/peer` carries sealed, signed envelopes and
-is authenticated by the wire layer instead.
+`/v1/health`, `/metrics` and `/v1/openapi.json`; `/v1/peer` and `/v1/peer/blob` carry sealed,
+signed envelopes and are authenticated by the wire layer instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from houndd.errors import (
 
 log = logging.getLogger("houndd.api")
 
-OPEN_PATHS = frozenset({"/v1/health", "/metrics", "/v1/openapi.json", "/v1/peer"})
+OPEN_PATHS = frozenset({"/v1/health", "/metrics", "/v1/openapi.json", "/v1/peer", "/v1/peer/blob"})
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -52,6 +52,7 @@ class NodeApi(Protocol):
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
     def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]: ...
     async def peer(self, data: bytes, source: str | None) -> bytes: ...
+    async def peer_blob(self, request: web.Request) -> web.StreamResponse: ...
     def metrics_text(self) -> tuple[bytes, str]: ...
 
 
@@ -261,6 +262,10 @@ async def peer(request: web.Request) -> web.Response:
     return web.Response(body=reply, content_type="application/octet-stream")
 
 
+async def peer_blob(request: web.Request) -> web.StreamResponse:
+    return await request.app[NODE].peer_blob(request)
+
+
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[NODE].metrics_text()
     # prometheus-client's content type carries a charset; aiohttp wants them apart
@@ -294,6 +299,7 @@ def make_app(node: NodeApi, *, max_body_bytes: int) -> web.Application:
     r.add_delete("/v1/plans/{plan_id}", plan_cancel)
     r.add_get("/v1/plans/{plan_id}/events", plan_events)
     r.add_post("/v1/peer", peer)
+    r.add_post("/v1/peer/blob", peer_blob)
     r.add_get("/metrics", metrics)
     r.add_get("/v1/openapi.json", openapi)
     return app

@@ -354,6 +354,10 @@ class CoordinatorService:
         op = spec_doc.get("action", "pull")
         policy = spec_doc.get("policy", {})
         credentials = self._unseal_credentials(rec.document)
+        # Blob sharing builds each blob's tree from the nodes that need the same bits.
+        needing: dict[str, set[str]] = {}
+        for planned in rec.items:
+            needing.setdefault(planned.digest, set()).add(planned.node_id)
         items = []
         for it in action.items:
             auth = None
@@ -369,6 +373,7 @@ class CoordinatorService:
                     timeout_s=it.timeout_s,
                     pull_policy=policy.get("pull_policy", "IfNotPresent"),
                     auth=auth,
+                    peers=tuple(sorted(needing.get(it.digest, ()))) if it.digest else (),
                 )
             )
         self.executor.submit(

@@ -8,7 +8,8 @@ Rules it keeps, because the coordinator relies on them:
 - One pull per digest on this node: plans asking for the same bits at the same time share it.
   The shared pull stops only when every item waiting on it has left (aborted, timed out).
 - Pull by digest, then tag locally as the requested tag, so every node holds the same bits
-  under the name users run.
+  under the name users run. With a `PullRoute` (blob sharing), the bytes of a pull by digest
+  take that route; the result is the same image, tagged the same way.
 - Reports: one when an item starts, at most one per `progress_interval_s` while it pulls, one
   when it finishes. Every item finishes `done` or `failed` with a stable reason.
 """
@@ -20,14 +21,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 from houndd.errors import CANCELLED, PULL_FAILED, PullError, PullTimeout
 from houndd.image.credentials import RegistryAuth
-from houndd.image.reference import InvalidReference, parse_reference
+from houndd.image.reference import ImageRef, InvalidReference, parse_reference
 from houndd.puller.engine import Engine, PullProgress
 
-__all__ = ["Executor", "ItemReport", "ItemState", "Op", "PullPolicy", "WorkItem"]
+__all__ = ["Executor", "ItemReport", "ItemState", "Op", "PullPolicy", "PullRoute", "WorkItem"]
 
 log = logging.getLogger("houndd.puller")
 
@@ -53,6 +54,26 @@ class WorkItem:
     timeout_s: float = 1800.0
     pull_policy: PullPolicy = "IfNotPresent"
     auth: RegistryAuth | None = None  # its repr hides the password
+    peers: tuple[str, ...] = ()  # node ids of the plan that need this digest (blob sharing)
+
+
+class PullRoute(Protocol):
+    """Another way for the bytes of a pull by digest to reach the engine (blob sharing).
+
+    It must leave the engine as `Engine.pull(repository@digest)` would: the image present,
+    with the same id and RepoDigests. `nodes` are the plan's nodes that need the image.
+    """
+
+    async def pull(
+        self,
+        image: ImageRef,
+        digest: str,
+        *,
+        auth: RegistryAuth | None,
+        plan_id: str,
+        nodes: Sequence[str],
+        progress: Callable[[PullProgress], None],
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,7 @@ class _SharedPull:
     ref: str
     auth: RegistryAuth | None
     future: asyncio.Future[None]
+    routed: tuple[ImageRef, str, str, tuple[str, ...]] | None = None  # image, digest, plan, nodes
     task: asyncio.Task[None] | None = None
     listeners: set[Callable[[PullProgress], None]] = field(default_factory=set)
     waiters: int = 0
@@ -131,8 +153,10 @@ class Executor:
         on_report: Callable[[ItemReport], None],
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        route: PullRoute | None = None,
     ) -> None:
         self._engine = engine
+        self._route = route
         self._node_id = node_id
         self._interval_s = progress_interval_s
         self._on_report = on_report
@@ -280,12 +304,19 @@ class Executor:
                 if tag_ref is not None:
                     await self._engine.tag(pull_ref, tag_ref)
                 return True
-        await self._shared_pull(job, pull_ref, item.auth)
+        routed = (ref, digest, job.plan_id, item.peers) if digest else None
+        await self._shared_pull(job, pull_ref, item.auth, routed)
         if tag_ref is not None:
             await self._engine.tag(pull_ref, tag_ref)
         return False
 
-    async def _shared_pull(self, job: _Job, ref: str, auth: RegistryAuth | None) -> None:
+    async def _shared_pull(
+        self,
+        job: _Job,
+        ref: str,
+        auth: RegistryAuth | None,
+        routed: tuple[ImageRef, str, str, tuple[str, ...]] | None,
+    ) -> None:
         # Different credentials for the same bits pull separately: one bad password must not
         # fail another plan's items.
         key = (ref, auth)
@@ -294,7 +325,10 @@ class Executor:
             if self._tg is None:
                 raise PullError(CANCELLED, "executor stopped")
             shared = _SharedPull(
-                ref=ref, auth=auth, future=asyncio.get_running_loop().create_future()
+                ref=ref,
+                auth=auth,
+                future=asyncio.get_running_loop().create_future(),
+                routed=routed,
             )
             self._shared[key] = shared
             shared.task = self._tg.create_task(self._pull(key, shared))
@@ -318,7 +352,18 @@ class Executor:
         """The one engine pull behind a `_SharedPull`. Never raises into the TaskGroup
         except CancelledError: outcomes travel through the future."""
         try:
-            await self._engine.pull(shared.ref, auth=shared.auth, progress=shared.publish)
+            if self._route is not None and shared.routed is not None:
+                image, digest, plan_id, nodes = shared.routed
+                await self._route.pull(
+                    image,
+                    digest,
+                    auth=shared.auth,
+                    plan_id=plan_id,
+                    nodes=nodes,
+                    progress=shared.publish,
+                )
+            else:
+                await self._engine.pull(shared.ref, auth=shared.auth, progress=shared.publish)
         except asyncio.CancelledError:
             shared.future.cancel()
             raise

@@ -42,8 +42,8 @@ def test_route_table_matches_the_openapi_document() -> None:
         for path, ops in doc["paths"].items()
         for method in ops
     }
-    # /v1/peer carries sealed envelopes for peers, not clients: deliberately undocumented
-    assert set(ROUTES) - documented == {("POST", "/v1/peer")}
+    # the peer endpoints carry sealed envelopes for peers, not clients: deliberately undocumented
+    assert set(ROUTES) - documented == {("POST", "/v1/peer"), ("POST", "/v1/peer/blob")}
     assert documented <= set(ROUTES)
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
@@ -73,6 +73,10 @@ def test_protected_routes_refuse_without_the_right_token(
     if path == "/v1/peer":
         # authenticated by the wire layer instead: garbage bytes are refused, not served
         assert_problem(resp, 400)
+        return
+    if path == "/v1/peer/blob":
+        # this daemon runs the fake engine, so it shares no blobs (tests/blobs cover the rest)
+        assert_problem(resp, 404)
         return
     body = assert_problem(resp, 401)
     assert body["title"] == "unauthorized"
