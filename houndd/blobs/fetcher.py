@@ -194,8 +194,16 @@ class Fetcher:
         if dl.failed:
             assert dl.error is not None
             raise dl.error
-        # The fd stays valid when the partial file is renamed into the cache at the end.
-        fd = os.open(dl.partial.path, os.O_RDONLY)
+        try:
+            # The fd stays valid when the partial file is renamed into the cache at the end.
+            fd = os.open(dl.partial.path, os.O_RDONLY)
+        except FileNotFoundError:
+            # Renamed (or removed) while we got here: the download is finishing right now.
+            while not (dl.done or dl.failed):
+                await dl.changed.wait()
+            async for chunk in self._read(dl, offset):
+                yield chunk
+            return
         try:
             generation = dl.generation
             pos = offset

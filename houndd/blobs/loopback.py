@@ -278,7 +278,7 @@ class LoopbackRegistry:
         except Restarted as e:
             log.info("blob restarted under dockerd digest=%s detail=%s", digest, e)
             _abort(request)
-        except (ConnectionResetError, OSError):
+        except ConnectionResetError:
             pass  # dockerd went away (its pull was cancelled)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]

@@ -170,8 +170,8 @@ class PeerBlobServer:
             # The peer resumes elsewhere: it never got an end frame, so it trusts nothing.
             log.info("blob upload ended early peer=%s digest=%s error=%s", sender, req.digest, e)
             _abort(request)
-        except (ConnectionResetError, OSError):
-            pass
+        except ConnectionResetError:
+            pass  # the peer went away: it resumes elsewhere
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return resp

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
+from houndd.blobs.cache import Partial
 from houndd.blobs.fetcher import Restarted
 from houndd.blobs.memory import digest_of
 from houndd.blobs.source import SourceError
@@ -193,3 +195,30 @@ async def test_dead_members_are_skipped_and_the_tree_rerooted(rig: RigFactory) -
         r.down.add(root)  # membership says the root is dead: ME becomes the root
         assert await r.read(r.want(digest, SIZE, nodes)) == data
         assert r.transfers.sent == {"": SIZE}
+
+
+async def test_a_reader_joining_while_the_blob_is_renamed_into_place_gets_it(
+    rig: RigFactory,
+) -> None:
+    async with rig() as r:
+        data = os.urandom(500)
+        digest = r.transfers.publish(data)
+        renamed, release = threading.Event(), threading.Event()
+        publish = r.cache._publish
+
+        def slow_publish(partial: Partial) -> None:
+            publish(partial)  # the partial file is gone from tmp/ now...
+            renamed.set()
+            release.wait(10)  # ...but the download has not said so yet
+
+        r.cache._publish = slow_publish  # type: ignore[method-assign]
+        want = r.want(digest, len(data))
+        first = asyncio.create_task(r.read(want))
+        await asyncio.to_thread(renamed.wait, 10)
+        second = r.fetcher.open(want)  # joins the finishing download
+        pending = asyncio.create_task(anext(second))
+        await asyncio.sleep(0.05)
+        assert not pending.done()  # waits for the download to say it is done
+        release.set()
+        got = await pending + b"".join([c async for c in second])
+        assert got == data and await first == data
