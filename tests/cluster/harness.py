@@ -324,6 +324,7 @@ def _config_keys() -> set[str]:
 class _Shaping:
     registry_egress_mbit: float | None
     host_ingress_mbit: dict[str, float | None] = field(default_factory=dict)
+    host_egress_mbit: dict[str, float | None] = field(default_factory=dict)
 
 
 def _tbf(mbit: float) -> list[str]:
@@ -725,6 +726,21 @@ class Cluster:
                     *_tbf(mbit),
                 ]
             )
+
+    def set_host_egress(self, host: str | Host, mbit: float | None) -> None:
+        """Shape what the host sends (tbf on its eth0: its upload, to peers too); None
+        removes shaping."""
+        h = self.host(host)
+        self._shaping.host_egress_mbit[h.name] = mbit
+        _quiet(["tc", "-n", h.netns, "qdisc", "del", "dev", "eth0", "root"])
+        if mbit is not None:
+            _run(["tc", "-n", h.netns, "qdisc", "add", "dev", "eth0", "root", *_tbf(mbit)])
+
+    def registry_tx_bytes(self) -> int:
+        """Bytes the registry's interface has sent so far (its eth0 tx counter): what left
+        the registry, headers included, whoever asked."""
+        proc = _run(["ip", "-n", self.registry_netns, "-j", "-s", "link", "show", "eth0"])
+        return int(json.loads(proc.stdout)[0]["stats64"]["tx"]["bytes"])
 
     @property
     def registry_egress_mbit(self) -> float | None:
