@@ -36,6 +36,10 @@ log = logging.getLogger("houndd.blobs")
 
 MAX_PLANS_REMEMBERED = 1000
 """Plans whose avoided peers are remembered; caps memory over the daemon's life."""
+REGISTRY_PATIENCE = 10
+"""The registry gets this many stall timeouts before it counts as stalled: it is the source
+of last resort, and dockerd pulling directly would wait out a network blip on its TCP
+connection too. Peers get one: there is always another source behind them."""
 _RETRIES_AFTER_PROGRESS = 3
 """A source whose connection broke after delivering bytes is asked again (with Range) up to
 this many times; one that failed before delivering anything, stalled, or sent impossible bytes
@@ -277,8 +281,9 @@ class Fetcher:
                     self.stats.source_failures[e.kind] += 1
                     failures[source] += 1
                     progressed = dl.partial.written > before
-                    # A stalled source would most likely stall again: move on at once.
-                    hopeless = not progressed or e.kind in ("stalled", "corrupt")
+                    # A stalled peer would most likely stall again: move on at once.
+                    hopeless = not progressed or e.kind == "corrupt"
+                    hopeless |= e.kind == "stalled" and not source.is_registry
                     if hopeless or failures[source] >= _RETRIES_AFTER_PROGRESS:
                         dead.add(source)
                     if e.error is not None:
@@ -325,16 +330,17 @@ class Fetcher:
         short, stalls, or sends more than the blob's size."""
         dl.source = source
         kind = "registry" if source.is_registry else "peer"
+        stall_s = self._stall_s * (REGISTRY_PATIENCE if source.is_registry else 1)
         stream = self._transfers.open(source, dl.want, dl.partial.written).__aiter__()
         try:
             while dl.partial.written < dl.size:
                 try:
-                    async with asyncio.timeout(self._stall_s):
+                    async with asyncio.timeout(stall_s):
                         chunk = await anext(stream)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    raise SourceError("stalled", f"no bytes for {self._stall_s} s") from None
+                    raise SourceError("stalled", f"no bytes for {stall_s} s") from None
                 if dl.partial.written + len(chunk) > dl.size:
                     raise SourceError("corrupt", f"more than {dl.size} bytes")
                 dl.partial.write(chunk)

@@ -5,9 +5,10 @@ and nothing off the host can reach it). It serves what a pull by digest needs an
 else: `GET|HEAD /v2/`, manifests by digest, blobs by digest. Every repository name starts
 with a session token, `127.0.0.1:PORT/<token>/<repository>`: the route opens a session for
 one pull (plan, origin repository, credentials, the nodes of the plan that need the image)
-and closes it afterwards, so an unknown token, a tag, or a digest the session's manifests do
-not list is `404`. Manifests come from the cache or the origin registry (verified either
-way); blobs come from the `Fetcher` (cache, peers, registry).
+and closes it afterwards (it keeps answering a while: dockerd may still finish a layer for
+it). An unknown token, a tag, or a digest the session's manifests do not list is `404`.
+Manifests come from the cache or the origin registry (verified either way); blobs come from
+the `Fetcher` (cache, peers, registry).
 
 A failure the pull cannot recover from (no space, unauthorized, the registry and every peer
 unreachable) is recorded on the session, so the route can stop dockerd's pull at once and
@@ -21,6 +22,9 @@ import json
 import logging
 import re
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +44,10 @@ LOOPBACK_HOST = "127.0.0.1"
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SESSIONS = 4096
 """Caps sessions (one per pull in flight): far above per-node parallelism."""
+RETIRED_SESSION_S = 600.0
+"""A closed session still answers this long. dockerd shares one layer download between
+pulls that need the same layer, under the name of whichever pull asked first, and finishes a
+layer in the background after its pull was cancelled: both may outlive that pull's session."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)", re.ASCII)
 _API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -124,12 +132,15 @@ class LoopbackRegistry:
         cache: BlobCache,
         *,
         port: int = 0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetcher = fetcher
         self._manifests = manifests
         self._cache = cache
         self._wanted_port = port
+        self._monotonic = monotonic
         self._sessions: dict[str, LoopbackSession] = {}
+        self._retired: OrderedDict[str, tuple[float, LoopbackSession]] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -171,7 +182,25 @@ class LoopbackRegistry:
         return session
 
     def close_session(self, session: LoopbackSession) -> None:
-        self._sessions.pop(session.token, None)
+        """The pull is over; the session keeps answering for RETIRED_SESSION_S."""
+        if self._sessions.pop(session.token, None) is None:
+            return
+        self._retired[session.token] = (self._monotonic() + RETIRED_SESSION_S, session)
+        while len(self._retired) > MAX_SESSIONS:
+            self._retired.popitem(last=False)
+
+    def _session(self, token: str) -> LoopbackSession | None:
+        session = self._sessions.get(token)
+        if session is not None:
+            return session
+        now = self._monotonic()
+        while self._retired:
+            oldest, (expires, _) = next(iter(self._retired.items()))
+            if expires > now:
+                break
+            del self._retired[oldest]
+        retired = self._retired.get(token)
+        return retired[1] if retired is not None else None
 
     # --- handlers --------------------------------------------------------------------------
 
@@ -188,7 +217,7 @@ class LoopbackRegistry:
         if not sep:
             return _registry_error(404, "UNSUPPORTED", "only manifests and blobs by digest")
         token, _, repository = name.partition("/")
-        session = self._sessions.get(token)
+        session = self._session(token)
         if session is None or repository != session.repository:
             return _registry_error(404, "NAME_UNKNOWN", "no such pull in progress")
         if not _DIGEST.fullmatch(reference):
