@@ -149,8 +149,8 @@ class Config:
         default=3,
     )
     blob_max_uploads: int = _doc(
-        "blob uploads to peers at once; more requests are turned away (503) to other sources",
-        default=8,
+        "blob uploads to peers at once; a peer asking beyond it waits and asks again",
+        default=16,
     )
     blob_upload_limit_mbit: float = _doc(
         "cap on this node's blob upload rate to peers, Mbit/s (0: no cap)", default=0.0

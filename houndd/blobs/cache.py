@@ -103,14 +103,19 @@ class Partial:
         self.written = 0
         self._hash = hashlib.sha256()
 
-    async def commit(self) -> None:
-        """Verify, fsync and publish. DigestMismatch leaves the partial open (reset or abort
-        it); any other failure aborts it."""
+    def verify(self) -> None:
+        """Check that every byte is here and hashes to the digest. DigestMismatch leaves the
+        partial open (reset or abort it)."""
         if self.written != self.size:
             raise PullError(PULL_FAILED, f"blob {self.digest}: {self.written} of {self.size} bytes")
         actual = self._hash.hexdigest()
         if actual != blob_hex(self.digest):
             raise DigestMismatch(self.digest, actual)
+
+    async def commit(self) -> None:
+        """Verify, fsync and publish. DigestMismatch leaves the partial open (reset or abort
+        it); any other failure aborts it."""
+        self.verify()
         fd, self._fd = self._fd, None
         try:
             if fd is not None:

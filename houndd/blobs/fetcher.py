@@ -40,6 +40,12 @@ REGISTRY_PATIENCE = 10
 """The registry gets this many stall timeouts before it counts as stalled: it is the source
 of last resort, and dockerd pulling directly would wait out a network blip on its TCP
 connection too. Peers get one: there is always another source behind them."""
+PREFETCH_SLOTS = 8
+"""Blobs fetched ahead of dockerd at once per node (dockerd itself takes three at a time)."""
+BUSY_BACKOFF_S = 0.05
+BUSY_PATIENCE = 3
+"""A peer at its upload limit is asked again (backing off from BUSY_BACKOFF_S to 1 s) for up
+to this many stall timeouts per download before the next source is tried."""
 _RETRIES_AFTER_PROGRESS = 3
 """A source whose connection broke after delivering bytes is asked again (with Range) up to
 this many times; one that failed before delivering anything, stalled, or sent impossible bytes
@@ -68,6 +74,7 @@ class _Download:
     partial: Partial
     plans: set[str]
     state: Literal["running", "done", "failed"] = "running"
+    verified: bool = False  # every byte is in the partial file and matched the digest
     error: PullError | None = None
     generation: int = 0
     source: Source | None = None
@@ -123,6 +130,8 @@ class Fetcher:
         self._downloads: dict[str, _Download] = {}
         self._avoid: OrderedDict[str, set[str]] = OrderedDict()
         self._warned: set[tuple[str, str]] = set()
+        self._prefetching: set[str] = set()
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_SLOTS)
         self._tg: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -180,6 +189,33 @@ class Fetcher:
             dl.plans.add(want.ctx.plan_id)
         return self._counted(self._read(dl, offset), reader)
 
+    def prefetch(self, want: BlobWant) -> None:
+        """Fetch a blob nobody reads yet, because a reader will want it soon (the later
+        layers of an image dockerd is pulling). Best effort: a failure is left for the
+        reader to meet; at most PREFETCH_SLOTS run at once."""
+        digest = want.digest
+        if self._tg is None or digest in self.cache or digest in self._downloads:
+            return
+        if digest in self._prefetching:
+            return
+        self._prefetching.add(digest)
+        self._tg.create_task(self._prefetch(want))
+
+    async def _prefetch(self, want: BlobWant) -> None:
+        try:
+            async with self._prefetch_slots:
+                if want.digest in self.cache or want.digest in self._downloads:
+                    return
+                try:
+                    dl = self._start(want)
+                except PullError as e:
+                    log.debug("prefetch skipped digest=%s reason=%s", want.digest, e.reason)
+                    return
+                while not (dl.verified or dl.failed):
+                    await dl.changed.wait()
+        finally:
+            self._prefetching.discard(want.digest)
+
     # --- reading ---------------------------------------------------------------------------
 
     async def _counted(self, stream: AsyncIterator[bytes], reader: str) -> AsyncIterator[bytes]:
@@ -214,12 +250,13 @@ class Fetcher:
             while True:
                 if dl.generation != generation:
                     raise Restarted(f"blob {dl.digest}: wrong bytes from a peer, fetching again")
-                if dl.failed:
+                if dl.failed and not dl.verified:
                     assert dl.error is not None
                     raise dl.error
                 # Hold back the last byte until the blob verified: no reader ever completes
-                # a blob that turns out wrong.
-                limit = dl.size if dl.done else min(dl.partial.written, dl.size - 1)
+                # a blob that turns out wrong. (Verified bytes are served even if storing
+                # the blob in the cache fails afterwards: they are right.)
+                limit = dl.size if dl.verified else min(dl.partial.written, dl.size - 1)
                 if pos < limit:
                     chunk = os.pread(fd, min(READ_CHUNK_BYTES, limit - pos), pos)
                     if not chunk:
@@ -227,7 +264,7 @@ class Fetcher:
                     pos += len(chunk)
                     yield chunk
                     continue
-                if dl.done:
+                if dl.verified:
                     return
                 await dl.changed.wait()
         finally:
@@ -245,9 +282,17 @@ class Fetcher:
         return dl
 
     async def _download(self, dl: _Download) -> None:
+        log.debug(
+            "blob download start digest=%s size=%d plan=%s", dl.digest, dl.size, dl.want.ctx.plan_id
+        )
         try:
             await self._fill(dl)
             dl.state = "done"
+            log.debug(
+                "blob download done digest=%s sources=%s",
+                dl.digest,
+                ",".join(f"{s}={n}" for s, n in dl.contributors.items()),
+            )
         except PullError as e:
             dl.state, dl.error = "failed", e
             log.warning("blob failed digest=%s reason=%s detail=%s", dl.digest, e.reason, e.detail)
@@ -267,6 +312,7 @@ class Fetcher:
         failures: Counter[Source] = Counter()
         dead: set[Source] = set()
         last_error: PullError | None = None
+        busy_waited_s, backoff_s = 0.0, BUSY_BACKOFF_S
         while True:
             while dl.partial.written < dl.size:
                 source = self._next_source(dl, dead)
@@ -279,6 +325,13 @@ class Fetcher:
                     await self._copy(dl, source)
                 except SourceError as e:
                     self.stats.source_failures[e.kind] += 1
+                    if e.kind == "busy" and busy_waited_s < self._stall_s * BUSY_PATIENCE:
+                        # Its uploads free up as they finish; asking elsewhere would mean
+                        # the registry sends the blob again.
+                        await asyncio.sleep(backoff_s)
+                        busy_waited_s += backoff_s
+                        backoff_s = min(2 * backoff_s, 1.0)
+                        continue
                     failures[source] += 1
                     progressed = dl.partial.written > before
                     # A stalled peer would most likely stall again: move on at once.
@@ -300,8 +353,7 @@ class Fetcher:
                 finally:
                     dl.source = None
             try:
-                await dl.partial.commit()
-                return
+                dl.partial.verify()
             except DigestMismatch:
                 self._blame(dl)
                 dead.clear()
@@ -310,6 +362,12 @@ class Fetcher:
                 dl.generation += 1
                 dl.contributors.clear()
                 dl.notify()
+                continue
+            # Readers may finish now; the fsync and rename into the cache follow.
+            dl.verified = True
+            dl.notify()
+            await dl.partial.commit()
+            return
 
     def _next_source(self, dl: _Download, dead: set[Source]) -> Source | None:
         exclude = set(dl.want.chain) | {s.node_id for s in dead if not s.is_registry}

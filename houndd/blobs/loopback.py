@@ -76,6 +76,7 @@ class LoopbackSession:
     repository: str
     manifests: set[str]  # digests dockerd may ask for (the image, then an index's children)
     sizes: dict[str, int] = field(default_factory=dict)  # blobs the manifests list
+    layers: list[tuple[str, int]] = field(default_factory=list)  # in manifest order
     failure: PullError | None = None
     failed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -249,7 +250,8 @@ class LoopbackRegistry:
         if media_type in _INDEX_TYPES:
             session.manifests.update(d for d, _ in _descriptors(doc, "manifests"))
         else:
-            for digest_, size in [*_descriptors(doc, "config"), *_descriptors(doc, "layers")]:
+            session.layers = _descriptors(doc, "layers")
+            for digest_, size in [*_descriptors(doc, "config"), *session.layers]:
                 session.sizes[digest_] = size
         headers = {
             **_API_HEADERS,
@@ -288,12 +290,14 @@ class LoopbackRegistry:
             status = 206
             headers["Content-Range"] = f"bytes {offset}-{size - 1}/{size}"
         want = BlobWant(session.ctx, digest, size)
+        self._prefetch_after(session, digest)
         try:
             stream = self._fetcher.open(want, offset, reader="dockerd")
         except (PullError, SourceError) as e:
             error = e if isinstance(e, PullError) else pull_error(PULL_FAILED, str(e))
             session.fail(error)
             return _registry_error(503, "UNAVAILABLE", str(error))
+        log.debug("dockerd blob start digest=%s offset=%d", digest, offset)
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = size - offset
         try:
@@ -301,6 +305,7 @@ class LoopbackRegistry:
             async for chunk in stream:
                 await resp.write(chunk)
             await resp.write_eof()
+            log.debug("dockerd blob done digest=%s", digest)
         except PullError as e:
             session.fail(e)
             _abort(request)
@@ -312,6 +317,16 @@ class LoopbackRegistry:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return resp
+
+    def _prefetch_after(self, session: LoopbackSession, digest: str) -> None:
+        """dockerd asks only for layers it lacks, and it tells layers apart by chain (a layer
+        with everything below it). Lacking layer i, it lacks every layer above i too: those
+        are fetched now, not when one of dockerd's three download slots frees up."""
+        index = next((i for i, (d, _) in enumerate(session.layers) if d == digest), None)
+        if index is None:
+            return
+        for later, size in session.layers[index + 1 :]:
+            self._fetcher.prefetch(BlobWant(session.ctx, later, size))
 
 
 def _abort(request: web.Request) -> None:

@@ -16,6 +16,7 @@ from houndd.blobs.source import SourceError
 from houndd.blobs.tree import REGISTRY, Source, rank
 from houndd.errors import MANIFEST_UNKNOWN, NO_SPACE, UNAUTHORIZED, PullError, pull_error
 from tests.blobs.conftest import ME, RigFactory
+from tests.puller.waiting import eventually
 
 SIZE = 200_000
 
@@ -39,7 +40,7 @@ async def test_root_fetches_from_the_registry_once_for_all_readers(rig: RigFacto
         results = await asyncio.gather(*(r.read(want) for _ in range(5)))
         assert all(x == data for x in results)
         assert r.transfers.sent[""] == SIZE  # one download for five readers
-        assert digest in r.cache
+        await eventually(lambda: digest in r.cache)  # stored once its fsync is done
         assert await r.read(want, 1000) == data[1000:]  # then from the cache
         assert r.transfers.sent[""] == SIZE
         assert r.fetcher.stats.cache_hits == 1
@@ -222,3 +223,41 @@ async def test_a_reader_joining_while_the_blob_is_renamed_into_place_gets_it(
         release.set()
         got = await pending + b"".join([c async for c in second])
         assert got == data and await first == data
+
+
+async def test_a_busy_parent_is_waited_for_not_replaced_by_the_registry(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        parent = rank(digest, nodes)[0]
+        r.transfers.fault(parent, "busy", times=3)
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        assert r.transfers.sent == {parent: SIZE}
+        assert r.fetcher.stats.source_failures["busy"] == 3
+
+
+async def test_a_parent_busy_for_too_long_is_passed_over(rig: RigFactory) -> None:
+    async with rig(fanout=1, stall_s=0.1) as r:
+        data = os.urandom(SIZE)
+        digest = r.transfers.publish(data)
+        nodes = peers_where(digest, me_rank=1)
+        parent = rank(digest, nodes)[0]
+        r.transfers.fault(parent, "busy")  # for good
+        assert await r.read(r.want(digest, SIZE, nodes)) == data
+        assert r.transfers.sent == {"": SIZE}
+
+
+async def test_prefetch_fetches_once_and_readers_join_it(rig: RigFactory) -> None:
+    async with rig() as r:
+        r.transfers.delay_s = 0.002
+        blobs = [os.urandom(50_000) for _ in range(12)]
+        wants = [r.want(r.transfers.publish(b), len(b)) for b in blobs]
+        for want in wants:
+            r.fetcher.prefetch(want)
+            r.fetcher.prefetch(want)  # twice: still one download
+        assert await r.read(wants[-1]) == blobs[-1]  # joins or starts, never twice
+        await eventually(lambda: all(w.digest in r.cache for w in wants), timeout_s=30)
+        assert r.transfers.sent[""] == sum(len(b) for b in blobs)
+        r.fetcher.prefetch(wants[0])  # cached: nothing to do
+        assert r.transfers.sent[""] == sum(len(b) for b in blobs)

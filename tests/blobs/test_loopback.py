@@ -17,6 +17,7 @@ from houndd.blobs.source import BlobContext
 from houndd.errors import NO_SPACE, UNAUTHORIZED, pull_error
 from houndd.image.credentials import RegistryAuth
 from tests.blobs.conftest import ME, FetcherRig, RigFactory
+from tests.puller.waiting import eventually
 
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -202,3 +203,17 @@ async def test_a_blob_that_turns_out_wrong_never_completes_for_dockerd(loop: Loo
                 got += chunk
     assert len(got) < len(layer)
     assert session.failure is not None and "other content" in session.failure.detail
+
+
+async def test_asking_for_a_layer_fetches_the_layers_above_it_ahead(loop: Loop) -> None:
+    layers = [os.urandom(20_000) for _ in range(4)]
+    image = loop.image(*layers)
+    session = loop.session(image)
+    async with loop.http.get(loop.url(session, "manifests", image)) as resp:
+        assert resp.status == 200
+    async with loop.http.get(loop.url(session, "blobs", _digest(layers[1]))) as resp:
+        assert await resp.read() == layers[1]
+    above = [_digest(b) for b in layers[2:]]
+    await eventually(lambda: all(d in loop.rig.cache for d in above), timeout_s=30)
+    # dockerd already has the layer below (it did not ask): it is never fetched
+    assert _digest(layers[0]) not in {d for _, d, _ in loop.rig.transfers.requests}
