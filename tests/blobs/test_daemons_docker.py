@@ -13,7 +13,6 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,9 +210,10 @@ def test_a_peer_stalled_mid_transfer_costs_no_item(p2p: P2PCluster) -> None:
 
 
 def test_p2p_off_leaves_pulls_to_dockerd(
-    p2p: P2PCluster, tmp_path: Path, registry: Registry
+    p2p: P2PCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    dockerd = start_dockerd(tmp_path / "d-off", name="p2p-off")
+    # a short path: containerd's sockets live below it (108-byte limit)
+    dockerd = start_dockerd(tmp_path_factory.mktemp("d-off"), name="p2p-off")
     try:
         node = p2p.procs.add(
             "off",
