@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import Sampler, machine  # noqa: E402
 from tests.cluster.harness import Cluster, ClusterError, houndd_missing  # noqa: E402
 from tests.fixtures.images import PushedImage, push_image_detailed  # noqa: E402
 
@@ -167,22 +167,35 @@ class P2PBench:
         }
         links = [h.link for h in self.cluster.hosts]
         sent0, rx0 = self.cluster.registry_tx_bytes(), _tx(links)
+        # CPU by process kind (houndd, dockerd, containerd, ...): on a small machine the
+        # hosts' CPU, not the network, can be what a fast method waits for.
+        sampler = Sampler(
+            pids=lambda: [p for h in self.cluster.hosts for p in self.cluster.pids(h)],
+            rx_bytes=lambda: _tx(links),
+            interval_s=0.5,
+        )
         try:
-            seconds = self.all_at_once() if method == "all-at-once" else self.houndd(record)
+            with sampler:
+                seconds = self.all_at_once() if method == "all-at-once" else self.houndd(record)
             record["seconds"] = round(seconds, 3)
             record["missing"] = self.missing()
             record["ok"] = not record["missing"]
         except (BenchError, ClusterError) as e:
             record.update(seconds=None, ok=False, error=str(e)[-1000:])
+        record["usage"] = sampler.usage.as_dict()
         record["registry_sent_bytes"] = self.cluster.registry_tx_bytes() - sent0
         record["hosts_received_bytes"] = _tx(links) - rx0
         record["registry_sent_over_unique"] = round(
             record["registry_sent_bytes"] / self.unique_bytes, 3
         )
         outcome = "ok" if record["ok"] else f"FAILED {record.get('error') or record['missing']}"
+        cpu = ", ".join(
+            f"{kind} {pct:.0f}%" for kind, pct in sorted(record["usage"]["cpu_pct"].items())
+        )
         print(
             f"  hosts={len(self.cluster.hosts):<3} {method:<12} {_fmt(record.get('seconds'))} s  "
-            f"registry sent {record['registry_sent_over_unique']:.2f}x unique  {outcome[:200]}",
+            f"registry sent {record['registry_sent_over_unique']:.2f}x unique  cpu: {cpu}  "
+            f"{outcome[:200]}",
             flush=True,
         )
         return record
@@ -293,6 +306,25 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"{_fmt(row['houndd_p2p_s'])} | {_fmt(row['registry_only_s'])} | "
             f"{_fmt(row['one_copy_s'])} | {_fmt(row['p2p_over_registry_only'])} | "
             f"{_fmt(row['p2p_over_one_copy'])} | {_fmt(row['p2p_over_all_at_once'])} | {sent} |"
+        )
+    lines += [
+        "",
+        "CPU while each method ran (100 % = one core; the machine has "
+        f"{result['machine']['nproc']}), summed over the hosts' processes, first run:",
+        "",
+        "| hosts | method | seconds | houndd | dockerd | containerd | load avg (max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    seen: set[tuple[int, str]] = set()
+    for r in result["records"]:
+        if (r["hosts"], r["method"]) in seen or "usage" not in r:
+            continue
+        seen.add((r["hosts"], r["method"]))
+        cpu = r["usage"]["cpu_pct"]
+        lines.append(
+            f"| {r['hosts']} | {r['method']} | {_fmt(r.get('seconds'))} | "
+            f"{cpu.get('houndd', 0):.0f} % | {cpu.get('dockerd', 0):.0f} % | "
+            f"{cpu.get('containerd', 0):.0f} % | {r['usage']['load_busy_max']:.1f} |"
         )
     failed = [r for r in result["records"] if not r.get("ok")]
     if failed:
