@@ -36,6 +36,8 @@ log = logging.getLogger("houndd.blobs")
 
 MAX_PLANS_REMEMBERED = 1000
 """Plans whose avoided peers are remembered; caps memory over the daemon's life."""
+MAX_WARNINGS_REMEMBERED = 10_000
+"""(peer, blob) pairs already warned about; a peer can make us warn about each only once."""
 REGISTRY_PATIENCE = 10
 """The registry gets this many stall timeouts before it counts as stalled: it is the source
 of last resort, and dockerd pulling directly would wait out a network blip on its TCP
@@ -208,7 +210,7 @@ class Fetcher:
                     return
                 try:
                     dl = self._start(want)
-                except PullError as e:
+                except PullError as e:  # e.g. no space: the reader will meet it by name
                     log.debug("prefetch skipped digest=%s reason=%s", want.digest, e.reason)
                     return
                 while not (dl.verified or dl.failed):
@@ -297,11 +299,17 @@ class Fetcher:
             dl.state, dl.error = "failed", e
             log.warning("blob failed digest=%s reason=%s detail=%s", dl.digest, e.reason, e.detail)
             dl.partial.abort()
-        except BaseException:
+        except asyncio.CancelledError:
             dl.state = "failed"
             dl.error = pull_error(PULL_FAILED, "blob download stopped")
             dl.partial.abort()
             raise
+        except Exception as e:
+            # A bug here must fail this blob, not the fetcher and every download with it.
+            log.exception("blob download failed unexpectedly digest=%s", dl.digest)
+            dl.state = "failed"
+            dl.error = pull_error(PULL_FAILED, f"internal error: {type(e).__name__}")
+            dl.partial.abort()
         finally:
             if self._downloads.get(dl.digest) is dl:
                 del self._downloads[dl.digest]
@@ -425,6 +433,8 @@ class Fetcher:
             while len(self._avoid) > MAX_PLANS_REMEMBERED:
                 self._avoid.popitem(last=False)
             if (source.node_id, dl.digest) not in self._warned:
+                if len(self._warned) >= MAX_WARNINGS_REMEMBERED:
+                    self._warned.clear()
                 self._warned.add((source.node_id, dl.digest))
                 log.warning(
                     "peer sent wrong bytes, avoiding it for the plan peer=%s digest=%s plans=%s",

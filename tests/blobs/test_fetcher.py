@@ -261,3 +261,20 @@ async def test_prefetch_fetches_once_and_readers_join_it(rig: RigFactory) -> Non
         assert r.transfers.sent[""] == sum(len(b) for b in blobs)
         r.fetcher.prefetch(wants[0])  # cached: nothing to do
         assert r.transfers.sent[""] == sum(len(b) for b in blobs)
+
+
+async def test_a_bug_in_a_source_fails_that_blob_not_the_fetcher(rig: RigFactory) -> None:
+    async with rig() as r:
+        broken, fine = os.urandom(1000), os.urandom(1000)
+        d_broken, d_fine = r.transfers.publish(broken), r.transfers.publish(fine)
+        original = r.transfers._lookup
+
+        def lookup(source: Source, digest: str) -> bytes:
+            if digest == d_broken:
+                raise RuntimeError("a bug")
+            return original(source, digest)
+
+        r.transfers._lookup = lookup  # type: ignore[method-assign]
+        with pytest.raises(PullError, match="internal error"):
+            await r.read(r.want(d_broken, 1000))
+        assert await r.read(r.want(d_fine, 1000)) == fine
