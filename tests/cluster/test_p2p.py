@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -80,14 +80,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-def test_four_hosts_share_blobs_and_the_registry_sends_each_once(cluster: Cluster) -> None:
-    digests = cluster.push_images(IMAGES)
-    unique = _blob_bytes(cluster, digests)
+def _fresh_houndd(cluster: Cluster, overrides: dict[str, Any]) -> None:
+    """houndd on every host from empty state, engines empty, all members seeing each other."""
     for h in cluster.hosts:
-        cluster.start_houndd(h, {"blob_stall_timeout_s": 3.0}, wait_ready=False)
+        cluster.stop_houndd(h)
+        shutil.rmtree(h.workdir / "state", ignore_errors=True)
+        cluster.remove_images(h)
+    for h in cluster.hosts:
+        cluster.start_houndd(h, {"blob_stall_timeout_s": 3.0, **overrides}, wait_ready=False)
     for h in cluster.hosts:
         cluster.wait_houndd_ready(h)
-    names = [h.name for h in cluster.hosts]
+    names = {h.name for h in cluster.hosts}
 
     def everyone_sees_everyone() -> bool:
         try:
@@ -95,44 +98,110 @@ def test_four_hosts_share_blobs_and_the_registry_sends_each_once(cluster: Cluste
         except OSError:
             return False
         alive = {m["name"] for m in view["members"] if m["state"] == "alive"}
-        return alive == set(names) and view["coordinator"]["name"] is not None
+        return alive == names and view["coordinator"]["name"] is not None
 
-    deadline = time.monotonic() + 60
-    while not everyone_sees_everyone():
-        assert time.monotonic() < deadline, cluster.houndd_log_tail("n1")
-        time.sleep(0.2)
+    _wait(everyone_sees_everyone, 60, lambda: cluster.houndd_log_tail("n1"))
 
-    refs = [cluster.image_ref(spec.name) for spec in IMAGES]
-    before = cluster.registry_tx_bytes()
-    accepted = _api(
-        cluster,
-        "n2",
-        "POST",
-        "/v1/plans",
-        {"name": "p2p", "targets": [{"images": refs, "all": True}]},
-    )
-    deadline = time.monotonic() + 180
+
+def _wait(check: Callable[[], Any], timeout_s: float, why: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout_s
     while True:
-        view = _api(cluster, "n2", "GET", f"/v1/plans/{accepted['id']}")
-        if view["state"] in ("done", "failed", "cancelled"):
-            break
-        assert time.monotonic() < deadline, json.dumps(view)[:2000]
-        time.sleep(0.5)
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, why()
+        time.sleep(0.3)
+
+
+def _plan(cluster: Cluster, via: str, plan_id: str) -> dict[str, Any] | None:
+    try:
+        view: dict[str, Any] = _api(cluster, via, "GET", f"/v1/plans/{plan_id}")
+    except OSError:
+        return None
+    return view
+
+
+def _submit(cluster: Cluster, via: str) -> str:
+    refs = [cluster.image_ref(spec.name) for spec in IMAGES]
+    plan = {"name": "p2p", "targets": [{"images": refs, "all": True}]}
+    return str(_api(cluster, via, "POST", "/v1/plans", plan)["id"])
+
+
+def _assert_images(cluster: Cluster, hosts: list[str], digests: dict[str, str]) -> None:
+    """Each host holds each image at the pushed digest, one image id per ref across hosts,
+    and no loopback name is left."""
+    image_ids = set()
+    for h in hosts:
+        held = cluster.image_digests(h)
+        for spec in IMAGES:
+            assert f"{cluster.registry_address}/{spec.name}@{digests[spec.name]}" in held, h
+            ref = cluster.image_ref(spec.name)
+            out = cluster.docker(h, "image", "inspect", ref, "--format", "{{.Id}}")
+            image_ids.add((ref, out.stdout.strip()))
+        leftovers = cluster.docker(h, "images", "--format", "{{.Repository}}").stdout.split()
+        assert not [r for r in leftovers if r.startswith("127.0.0.1:")], leftovers
+    assert len(image_ids) == len(IMAGES)
+
+
+@pytest.fixture(scope="module")
+def digests(cluster: Cluster) -> dict[str, str]:
+    return cluster.push_images(IMAGES)
+
+
+def test_four_hosts_share_blobs_and_the_registry_sends_each_once(
+    cluster: Cluster, digests: dict[str, str]
+) -> None:
+    unique = _blob_bytes(cluster, digests)
+    _fresh_houndd(cluster, {})
+    before = cluster.registry_tx_bytes()
+    plan_id = _submit(cluster, "n2")
+
+    def final() -> dict[str, Any] | None:
+        view = _plan(cluster, "n2", plan_id)
+        return view if view and view["state"] in ("done", "failed", "cancelled") else None
+
+    view = _wait(final, 180, lambda: json.dumps(_plan(cluster, "n2", plan_id))[:2000])
     assert view["state"] == "done", json.dumps(view)[:3000]
     sent = cluster.registry_tx_bytes() - before
 
     # Headers, manifests, the final manifest-only checks and TCP/IP overhead come on top of
     # the blobs; without sharing this would be N_HOSTS times the blob bytes.
     assert unique <= sent <= 1.2 * unique, f"registry sent {sent} for {unique} unique bytes"
+    _assert_images(cluster, [h.name for h in cluster.hosts], digests)
 
-    image_ids = set()
-    for h in cluster.hosts:
-        held = cluster.image_digests(h)
-        for spec in IMAGES:
-            assert f"{cluster.registry_address}/{spec.name}@{digests[spec.name]}" in held, h.name
-        for ref in refs:
-            out = cluster.docker(h, "image", "inspect", ref, "--format", "{{.Id}}")
-            image_ids.add((ref, out.stdout.strip()))
-        leftovers = cluster.docker(h, "images", "--format", "{{.Repository}}").stdout.split()
-        assert not [r for r in leftovers if r.startswith("127.0.0.1:")], leftovers
-    assert len(image_ids) == len(refs)  # one image id per ref, the same on every host
+
+def test_coordinator_killed_mid_plan_survivors_still_share(
+    cluster: Cluster, digests: dict[str, str]
+) -> None:
+    unique = _blob_bytes(cluster, digests)
+    cluster.set_registry_egress(24.0)  # a few seconds of transfer to kill into
+    try:
+        _fresh_houndd(cluster, {"node_return_timeout_s": 5.0})
+        coordinator = _api(cluster, "n1", "GET", "/v1/cluster")["coordinator"]["name"]
+        survivors = [h.name for h in cluster.hosts if h.name != coordinator]
+        entry = survivors[0]
+        before = cluster.registry_tx_bytes()
+        plan_id = _submit(cluster, entry)
+
+        def moving() -> bool:
+            view = _plan(cluster, entry, plan_id) or {}
+            return any(i["bytes_done"] > 0 for i in view.get("items", []))
+
+        _wait(moving, 60, lambda: json.dumps(_plan(cluster, entry, plan_id))[:2000])
+        cluster.kill(coordinator)
+
+        def survivors_done() -> bool:
+            view = _plan(cluster, entry, plan_id) or {}
+            mine = [i for i in view.get("items", []) if i["node"] in survivors]
+            return len(mine) == len(survivors) * len(IMAGES) and all(
+                i["state"] == "done" for i in mine
+            )
+
+        _wait(survivors_done, 180, lambda: json.dumps(_plan(cluster, entry, plan_id))[:3000])
+        sent = cluster.registry_tx_bytes() - before
+        # A root that died mid-blob is replaced by the next node in every tree; the new
+        # root asks the registry only for what it does not have yet.
+        assert sent <= 1.5 * unique, f"registry sent {sent} for {unique} unique bytes"
+        _assert_images(cluster, survivors, digests)
+    finally:
+        cluster.set_registry_egress(REGISTRY_MBIT)
