@@ -12,9 +12,11 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,3 +303,28 @@ def link_tx_bytes(links: Sequence[str]) -> int:
         with contextlib.suppress(OSError):  # a link deleted under us counts as 0
             total += int(Path(f"/sys/class/net/{link}/statistics/tx_bytes").read_text())
     return total
+
+
+# --- running things -------------------------------------------------------------------------
+
+
+def run_parallel(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run jobs at once in threads; re-raise the first failure after all finished."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [pool.submit(j) for j in jobs]
+    for f in futures:
+        f.result()
+
+
+@contextlib.contextmanager
+def scratch_dir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """`path` (created), or a temporary directory under /var/tmp removed afterwards (short:
+    the cluster's dockerd sockets live below it)."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix, dir="/var/tmp") as d:
+        yield Path(d)

@@ -29,10 +29,8 @@ import logging
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench.common import Sampler, machine  # noqa: E402
+from bench.common import Sampler, machine, run_parallel, scratch_dir  # noqa: E402
 from tests.cluster.harness import Cluster, ClusterError, houndd_missing  # noqa: E402
 from tests.fixtures.images import PushedImage, push_image_detailed  # noqa: E402
 
@@ -57,15 +55,6 @@ DEFAULT_IMAGES = (("p2p/app", 16, 3), ("p2p/runtime", 12, 2), ("p2p/tools", 7, 2
 
 class BenchError(RuntimeError):
     """A run did not complete (a pull failed or an image is missing afterwards)."""
-
-
-def _parallel(jobs: Sequence[Callable[[], None]]) -> None:
-    if not jobs:
-        return
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = [pool.submit(j) for j in jobs]
-    for f in futures:
-        f.result()
 
 
 class P2PBench:
@@ -87,7 +76,7 @@ class P2PBench:
         for h in self.cluster.hosts:
             self.cluster.stop_houndd(h)
             shutil.rmtree(h.workdir / "state", ignore_errors=True)
-        _parallel([lambda h=h: self.cluster.remove_images(h) for h in self.cluster.hosts])
+        run_parallel([lambda h=h: self.cluster.remove_images(h) for h in self.cluster.hosts])
         time.sleep(self.args.settle_s)  # let dockerd finish deleting layers
 
     def start_houndd(self, p2p: bool) -> None:
@@ -121,7 +110,7 @@ class P2PBench:
             return job
 
         start = time.monotonic()
-        _parallel([pull(h.name, ref) for h in self.cluster.hosts for ref in self.refs])
+        run_parallel([pull(h.name, ref) for h in self.cluster.hosts for ref in self.refs])
         return time.monotonic() - start
 
     def houndd(self, report: dict[str, Any]) -> float:
@@ -358,16 +347,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def _workdir(path: Path | None) -> Iterator[Path]:
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="hd-p2p-", dir="/var/tmp") as d:
-        yield Path(d)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -382,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_bounds: dict[str, dict[str, float]] = {}
     for n in args.hosts:
         with (
-            _workdir(args.workdir) as wd,
+            scratch_dir(args.workdir, "hd-p2p-") as wd,
             Cluster(
                 n,
                 workdir=wd,

@@ -32,10 +32,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,8 @@ from bench.common import (  # noqa: E402
     link_tx_bytes,
     lower_bound_s,
     machine,
+    run_parallel,
+    scratch_dir,
 )
 from tests.cluster.harness import Cluster, ClusterError, houndd_missing  # noqa: E402
 from tests.fixtures.images import PushedImage, push_image_detailed  # noqa: E402
@@ -96,16 +96,6 @@ class Images:
 # --- the methods ---------------------------------------------------------------------------
 
 
-def _parallel(jobs: Sequence[Callable[[], None]]) -> None:
-    """Run jobs at once in threads; re-raise the first failure after all finished."""
-    if not jobs:
-        return
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = [pool.submit(j) for j in jobs]
-    for f in futures:
-        f.result()
-
-
 def _pull(cluster: Cluster, node: str, ref: str) -> None:
     proc = cluster.docker(node, "pull", "-q", ref, check=False)
     if proc.returncode != 0:
@@ -123,7 +113,7 @@ def run_docker(cluster: Cluster, scenario: Scenario, images: Images) -> float:
         return job
 
     start = time.monotonic()
-    _parallel([node_job(n, imgs) for n, imgs in scenario.requests.items()])
+    run_parallel([node_job(n, imgs) for n, imgs in scenario.requests.items()])
     return time.monotonic() - start
 
 
@@ -132,7 +122,7 @@ def run_all_at_once(cluster: Cluster, scenario: Scenario, images: Images) -> flo
     refs = [(node, images.ref(image)) for node, imgs in scenario.requests.items() for image in imgs]
     jobs = [functools.partial(_pull, cluster, node, ref) for node, ref in refs]
     start = time.monotonic()
-    _parallel(jobs)
+    run_parallel(jobs)
     return time.monotonic() - start
 
 
@@ -163,7 +153,7 @@ def run_compose(cluster: Cluster, scenario: Scenario, images: Images, workdir: P
 
     start = time.monotonic()
     for path, nodes in zip(files, combos.values(), strict=True):
-        _parallel([functools.partial(compose_pull, n, path) for n in nodes])
+        run_parallel([functools.partial(compose_pull, n, path) for n in nodes])
     return time.monotonic() - start
 
 
@@ -314,7 +304,7 @@ class Bench:
 
     def clear(self) -> None:
         """Remove every image from every host (the paper's cold start for each run)."""
-        _parallel([functools.partial(self.cluster.remove_images, h) for h in self.cluster.hosts])
+        run_parallel([functools.partial(self.cluster.remove_images, h) for h in self.cluster.hosts])
 
     def missing(self, scenario: Scenario) -> list[str]:
         out = []
@@ -482,16 +472,6 @@ def available_methods(wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]
     return [m for m in wanted if m not in skipped], skipped
 
 
-@contextlib.contextmanager
-def _workdir(path: Path | None) -> Iterator[Path]:
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="hd-bench-", dir="/var/tmp") as d:
-        yield Path(d)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -515,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     started = time.time()
     with (
-        _workdir(args.workdir) as wd,
+        scratch_dir(args.workdir, "hd-bench-") as wd,
         Cluster(
             n_hosts,
             workdir=wd,

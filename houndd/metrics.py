@@ -76,19 +76,12 @@ class Metrics:
         doc: str,
         labels: tuple[str, ...],
         read: Callable[[], Mapping[tuple[str, ...], float]],
+        *,
+        counter: bool = False,
     ) -> None:
-        """Expose values computed at scrape time (members by state, items by state, ...)."""
-        self.registry.register(_Callback(name, doc, labels, read))
-
-    def watch_counter(
-        self,
-        name: str,
-        doc: str,
-        labels: tuple[str, ...],
-        read: Callable[[], Mapping[tuple[str, ...], float]],
-    ) -> None:
-        """Like `watch`, for values that only grow (exposed as `<name>_total`)."""
-        self.registry.register(_Callback(name, doc, labels, read, counter=True))
+        """Expose values computed at scrape time (members by state, items by state, ...).
+        `counter=True` for values that only grow (exposed as `<name>_total`)."""
+        self.registry.register(_Callback(name, doc, labels, read, counter=counter))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

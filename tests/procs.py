@@ -205,6 +205,23 @@ class LocalCluster:
             f"timed out after {timeout}s waiting for {what}; last={last!r}\n{logs}"
         )
 
+    def start_all(self, names: list[str], timeout: float = 20.0) -> None:
+        """Start the named nodes, wait until each answers, sees all of them alive, and a
+        coordinator is known."""
+        for name in names:
+            self.start(name)
+        for name in names:
+            self.wait_ready(name)
+        self.wait_for(
+            lambda: all(
+                set(self.members(n).values()) == {"alive"} and len(self.members(n)) == len(names)
+                for n in names
+            ),
+            timeout,
+            "membership",
+        )
+        self.wait_for(lambda: self.coordinator(names[0])[0] is not None, timeout, "a coordinator")
+
     def members(self, name: str) -> dict[str, str]:
         """name -> state, as `name` sees the cluster."""
         status, body = self.nodes[name].get("/v1/cluster", timeout=2.0)

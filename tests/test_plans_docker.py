@@ -100,19 +100,7 @@ def cluster(
                 seeds=[f"127.0.0.1:{first.port}"],
                 extra={"labels": {"tier": "gpu" if name == "w3" else "cpu"}},
             )
-        for name in NAMES:
-            procs.start(name)
-        for name in NAMES:
-            procs.wait_ready(name)
-        procs.wait_for(
-            lambda: all(
-                set(procs.members(n).values()) == {"alive"} and len(procs.members(n)) == 3
-                for n in NAMES
-            ),
-            10,
-            "membership",
-        )
-        procs.wait_for(lambda: procs.coordinator("w1")[0] is not None, 10, "a coordinator")
+        procs.start_all(NAMES)
         yield DockerCluster(procs, dockerds, registry, auth_registry, digests)
     finally:
         procs.close()

@@ -130,35 +130,24 @@ class RegistryClient:
         Raises `PullError`: "manifest unknown", "unauthorized", "registry unreachable"
         (transient), or "pull failed" for anything malformed.
         """
-        try:
-            parsed = parse_reference(ref)
-        except InvalidReference as e:
-            raise PullError(PULL_FAILED, str(e)) from None
-        if auth is None:
-            auth = credentials_for(parsed.registry, self._docker_config_path)
-        base = self._base_url(parsed)
+        parsed, authorizer, base = self._start(ref, auth)
         reference = parsed.digest or parsed.tag or "latest"
-        session = self._session or self._session_factory()
-        self._session = session
-        authorizer = _Authorizer(session, parsed, auth, self._timeout)
-        body, media_type, digest = await self._manifest(
-            session, authorizer, base, parsed, reference
-        )
+        body, media_type, digest = await self._manifest(authorizer, base, parsed, reference)
         if parsed.digest is not None and digest != parsed.digest:
             raise pull_error(PULL_FAILED, f"registry returned {digest} for {parsed.digest}")
         manifest = _decode(body)
         size_media = media_type
         if media_type in _INDEX_TYPES:
             child = _platform_entry(manifest, ref)
-            child_body, size_media, _ = await self._manifest(
-                session, authorizer, base, parsed, child
-            )
+            child_body, size_media, _ = await self._manifest(authorizer, base, parsed, child)
             manifest = _decode(child_body)
         size = _image_size(manifest, ref)
         log.debug("resolved ref=%s digest=%s size=%d media_type=%s", ref, digest, size, size_media)
         return Resolved(digest=digest, size_bytes=size, media_type=media_type)
 
     def _start(self, name: str, auth: RegistryAuth | None) -> tuple[ImageRef, _Authorizer, str]:
+        """Parse `name`, find credentials if none were given, and make the authorizer and
+        the base URL every request to its registry needs."""
         try:
             parsed = parse_reference(name)
         except InvalidReference as e:
@@ -175,9 +164,7 @@ class RegistryClient:
         """The manifest (or index) `digest` of repository `name`, verified against the
         digest, and its media type. Raises PullError like `resolve`."""
         parsed, authorizer, base = self._start(name, auth)
-        session = self._session
-        assert session is not None
-        body, media_type, _ = await self._manifest(session, authorizer, base, parsed, digest)
+        body, media_type, _ = await self._manifest(authorizer, base, parsed, digest)
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         if actual != digest:
             raise pull_error(PULL_FAILED, f"registry sent manifest {actual} for {digest}")
@@ -227,7 +214,6 @@ class RegistryClient:
 
     async def _manifest(
         self,
-        session: aiohttp.ClientSession,
         authorizer: _Authorizer,
         base: str,
         ref: ImageRef,

@@ -14,6 +14,8 @@ from houndd.blobs.cache import BlobCache
 from houndd.blobs.fetcher import Fetcher
 from houndd.blobs.memory import MemoryTransfers
 from houndd.blobs.source import BlobContext, BlobWant
+from tests.blobs.net import BlobNet
+from tests.fixtures.services import Registry
 
 ME = "00000000000000aa"
 IMAGE = "sha256:" + "9" * 64
@@ -74,3 +76,13 @@ def rig(tmp_path: Path) -> RigFactory:
                 await task
 
     return make
+
+
+@pytest.fixture
+async def net(tmp_path: Path, registry: Registry) -> AsyncIterator[BlobNet]:
+    """In-process blob nodes on loopback over the session's docker-registry."""
+    blob_net = BlobNet(tmp_path, insecure=(registry.address,), stall_s=2.0)
+    try:
+        yield blob_net
+    finally:
+        await blob_net.close()

@@ -112,19 +112,7 @@ def p2p(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterato
                 seeds=[f"127.0.0.1:{first.port}"],
                 extra=extra,
             )
-        for name in NAMES:
-            procs.start(name)
-        for name in NAMES:
-            procs.wait_ready(name)
-        procs.wait_for(
-            lambda: all(
-                set(procs.members(n).values()) == {"alive"} and len(procs.members(n)) == 3
-                for n in NAMES
-            ),
-            20,
-            "membership",
-        )
-        procs.wait_for(lambda: procs.coordinator("p1")[0] is not None, 10, "a coordinator")
+        procs.start_all(NAMES)
         ids = {}
         for name in NAMES:
             _, body = procs.nodes[name].get("/v1/node")

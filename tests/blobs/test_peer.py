@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -27,15 +25,6 @@ pytestmark = pytest.mark.docker
 
 IMAGE = "sha256:" + "6" * 64
 SIZE = 1_500_000
-
-
-@pytest.fixture
-async def net(tmp_path: Path, registry: Registry) -> AsyncIterator[BlobNet]:
-    blob_net = BlobNet(tmp_path, insecure=(registry.address,), stall_s=2.0)
-    try:
-        yield blob_net
-    finally:
-        await blob_net.close()
 
 
 @pytest.fixture

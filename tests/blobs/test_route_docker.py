@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,6 @@ def second_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd
         yield daemon
     finally:
         daemon.stop()
-
-
-@pytest.fixture
-async def net(tmp_path: Path, registry: Registry) -> AsyncIterator[BlobNet]:
-    blob_net = BlobNet(tmp_path, insecure=(registry.address,), stall_s=2.0)
-    try:
-        yield blob_net
-    finally:
-        await blob_net.close()
 
 
 def image_state(dockerd: Dockerd, ref: str) -> tuple[str, list[str], list[str]]:

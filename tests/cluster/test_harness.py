@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,14 +27,9 @@ from tests.cluster.harness import (
     render_toml,
     sweep_stale,
 )
-from tests.fixtures.services import missing_binaries
+from tests.cluster.marks import NETNS_MARKS
 
-_missing = missing_binaries() + [t for t in ("ip", "tc", "iptables") if shutil.which(t) is None]
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(bool(_missing), reason=f"missing {', '.join(_missing)}"),
-]
+pytestmark = NETNS_MARKS
 
 MB = 1_000_000
 

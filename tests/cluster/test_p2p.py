@@ -10,7 +10,6 @@ peers move bytes over links like the registry does, not over free loopback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import urllib.request
@@ -20,16 +19,10 @@ from typing import Any
 import pytest
 
 from houndd.wire.keyring import Keyring, derive_api_token
-from tests.cluster.harness import Cluster, ImageSpec, houndd_missing
-from tests.fixtures.services import missing_binaries
+from tests.cluster.harness import Cluster, ImageSpec
+from tests.cluster.marks import HOUNDD_NETNS_MARKS
 
-_missing = missing_binaries() + [t for t in ("ip", "tc", "iptables") if shutil.which(t) is None]
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(bool(_missing), reason=f"missing {', '.join(_missing)}"),
-    pytest.mark.skipif(houndd_missing() is not None, reason=str(houndd_missing())),
-]
+pytestmark = HOUNDD_NETNS_MARKS
 
 MB = 1_000_000
 N_HOSTS = 4
