@@ -649,6 +649,10 @@ class Daemon:
     async def peer_blob(self, request: web.Request) -> web.StreamResponse:
         if self.blobs is None:
             raise ProblemError(404, "blob sharing is off", "this node does not share blobs")
+        try:
+            self.transport.admit_http(request.content_length or 0, request.remote or "")
+        except PeerRejected as e:
+            raise _http_error(e.status, str(e)) from None
         return await self.blobs.handle_peer(request)
 
     def metrics_text(self) -> tuple[bytes, str]:

@@ -207,13 +207,18 @@ class UdpHttpTransport:
         if self._on_request is None or self._closed:
             raise PeerRejected(503, "not serving peer requests yet")
         src = source or ("", 0)
-        refused = self._admit(len(data), self._config.max_http_body_bytes, src[0])
+        self.admit_http(len(data), src[0])
+        return await self._on_request(data, src)
+
+    def admit_http(self, size: int, source: str) -> None:
+        """The cheap checks every peer HTTP request passes before any crypto (size cap,
+        per-source rate); PeerRejected (413, 429) otherwise. Also for `/v1/peer/blob`."""
+        refused = self._admit(size, self._config.max_http_body_bytes, source)
         if refused is not None:
             self.dropped[refused] += 1
             if refused == "oversize":
-                raise PeerRejected(413, f"peer request of {len(data)} bytes exceeds the cap")
+                raise PeerRejected(413, f"peer request of {size} bytes exceeds the cap")
             raise PeerRejected(429, "too many peer requests from this source")
-        return await self._on_request(data, src)
 
     async def send(self, to: Address, data: bytes) -> None:
         """Send one datagram (dropped silently if not started or closed)."""

@@ -224,3 +224,13 @@ def test_p2p_off_leaves_pulls_to_dockerd(
     finally:
         p2p.procs.stop("off")
         dockerd.stop()
+
+
+def test_the_daemons_blob_endpoint_refuses_what_is_not_a_members_request(
+    p2p: P2PCluster,
+) -> None:
+    node = p2p.procs.nodes["p1"]
+    status, body = http("POST", node.api + "/v1/peer/blob", None, b"not sealed" * 10)
+    assert status == 403, body  # no installed key id: refused before any crypto
+    status, body = http("POST", node.api + "/v1/peer/blob", None, b"x" * (2 << 20))
+    assert status == 413, body  # over max_http_body_bytes
