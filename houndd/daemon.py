@@ -228,6 +228,7 @@ class Daemon:
             docker_version=info.server_version if info else "",
             free_disk_bytes=(info.free_disk_bytes or 0) if info else 0,
             incarnation=int(time.time() * 1000),  # outranks what we gossiped before a restart
+            version=__version__,
         )
         self.membership = Membership(
             config, self.wire, self.transport, local, rng=self._rng, keyring=keyring
@@ -456,6 +457,7 @@ class Daemon:
             "os": m.os,
             "docker_version": m.docker_version,
             "free_disk_bytes": m.free_disk_bytes,
+            "version": m.version,
             "last_heard": m.last_heard if m.node_id != self.wire.node_id else time.time(),
         }
 
@@ -505,13 +507,42 @@ class Daemon:
         return self.service.plans()
 
     def plan(self, plan_id: str) -> dict[str, Any] | None:
-        return self.service.plan(plan_id)
+        view = self.service.plan(plan_id)
+        return self._with_node_states(view) if view is not None else None
+
+    def _with_node_states(self, view: dict[str, Any]) -> dict[str, Any]:
+        """The view with each item's `node_state` and, for an unfinished item of a dead node,
+        `unavailable_in_s`: about how long until it fails as 'node unavailable' (counted from
+        when this node last heard the target). Rows are copied: the service compares them."""
+        if "items" not in view:
+            return view
+        return {**view, "items": [self._with_node_state(row) for row in view["items"]]}
+
+    def _with_node_state(self, row: dict[str, Any]) -> dict[str, Any]:
+        node_id = row.get("node_id")
+        member = self.membership.get(node_id) if node_id else self.membership.by_name(row["node"])
+        out = {**row, "node_state": member.state.value if member else "unknown"}
+        down = member is not None and member.state in (MemberState.DEAD, MemberState.LEFT)
+        if member is not None and down and not row.get("final"):
+            deadline = member.last_heard + self.config.node_return_timeout_s
+            out["unavailable_in_s"] = round(max(0.0, deadline - time.time()), 1)
+        return out
 
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
-        return self.service.events(plan_id)
+    async def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+        events = self.service.events(plan_id)
+        try:
+            async for event in events:
+                if isinstance(event.get("plan"), dict):
+                    yield {**event, "plan": self._with_node_states(event["plan"])}
+                elif isinstance(event.get("item"), dict):
+                    yield {**event, "item": self._with_node_state(event["item"])}
+                else:
+                    yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def peer(self, data: bytes, source: str | None) -> bytes:
         try:
