@@ -191,6 +191,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     key_path = config.cluster_key_path
     if args.join_key_file:
         source = Path(args.join_key_file)
+        if not source.is_file():
+            raise UsageError(f"--join-key-file {source}: no such file")
         data = read_secret(source)
         new_keys = read_cluster_keys(source)  # validates the format before anything is copied
         same_file = key_path.exists() and source.resolve() == key_path.resolve()

@@ -25,7 +25,15 @@ LOG_FORMATS = ("text", "json")
 
 def escape(text: str) -> str:
     """`text` with every control character written as an escape (`\\n`, `\\x1b`, ...)."""
-    return _UNSAFE.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+    return _UNSAFE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -49,7 +49,7 @@ class Term:
         """(columns, lines); 200 x 50 when not a terminal."""
         try:
             size = os.get_terminal_size(self.stream.fileno())
-            return max(size.columns, 20), max(size.lines, 5)
+            return max(size.columns, 20), max(size.lines, 3)
         except (AttributeError, ValueError, OSError):
             return 200, 50
 

@@ -564,8 +564,17 @@ def _load_text(text: str, fmt: Literal["yaml", "json"]) -> object:
     except (ValueError, yaml.YAMLError) as e:
         if isinstance(e, PlanError):
             raise
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PlanError("document", f"not valid {fmt.upper()}: {detail[:200]}") from None
+        raise PlanError("document", f"not valid {fmt.upper()}: {_parse_error(e)}") from None
+
+
+def _parse_error(e: Exception) -> str:
+    """What the parser says, with the line and column it stopped at (1-based)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = e.problem or e.context or "syntax error"
+        return f"{what[:200]} (line {mark.line + 1}, column {mark.column + 1})"
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return detail[:200]
 
 
 def parse_plan(
