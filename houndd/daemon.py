@@ -48,6 +48,7 @@ from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
 log = logging.getLogger("houndd.daemon")
 
 ENGINE_REFRESH_S = 30.0
+ITEM_STATES = ("pending", "pulling", "done", "failed", "cancelled")
 
 
 class _Stopped(Exception):
@@ -383,15 +384,42 @@ class Daemon:
                 out[(reason,)] = out.get((reason,), 0.0) + n
             return out
 
+        def items() -> dict[tuple[str, ...], float]:
+            # from the plan views, so items that failed before dispatch (an image the registry
+            # does not have) count as failed like any other
+            counts = dict.fromkeys(ITEM_STATES, 0.0)
+            for view in self.service.plans():
+                for state, n in (view.get("summary") or {}).items():
+                    if state in counts:
+                        counts[state] += n
+            return {(state,): n for state, n in counts.items()}
+
+        def is_coordinator() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.service.coordinator()[0] == self.wire.node_id else 0.0}
+
+        def engine_up() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.engine_info is not None else 0.0}
+
         self.metrics.watch("houndd_members", "members by state", ("state",), members)
         self.metrics.watch(
-            "houndd_peer_messages_refused", "peer messages refused, by reason", ("reason",), refused
+            "houndd_peer_messages_refused",
+            "peer messages refused, by reason",
+            ("reason",),
+            refused,
+            counter=True,
         )
-        self.metrics.watch(
-            "houndd_items", "plan items by state", ("state",), self.service.items_by_state
-        )
+        self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
             "houndd_plans", "plans by state", ("state",), self.service.plans_by_state
+        )
+        self.metrics.watch(
+            "houndd_is_coordinator", "1 if this node coordinates now, else 0", (), is_coordinator
+        )
+        self.metrics.watch(
+            "houndd_engine_up",
+            "1 if this node's Docker engine answered its last check, else 0",
+            (),
+            engine_up,
         )
 
     def _on_report(self, report: ItemReport) -> None:
