@@ -64,7 +64,9 @@ class Config:
         default="houndd",
     )
     insecure_registries: tuple[str, ...] = _doc(
-        "registries (host:port) reached over plain HTTP besides loopback ones", default=()
+        "registries (host:port) always reached over plain HTTP; an override: registries the "
+        "node's dockerd treats as insecure (--insecure-registry) are learned from it",
+        default=(),
     )
 
     # --- API ---

@@ -34,6 +34,7 @@ from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
 from houndd.image.registry import RegistryClient
+from houndd.image.trust import RegistryTrust
 from houndd.keyfiles import load_or_create_boot_epoch
 from houndd.membership.member import Member, MemberState
 from houndd.membership.service import Membership
@@ -244,7 +245,9 @@ class Daemon:
             rng=self._rng,
         )
         self.registry = RegistryClient(
-            aiohttp.ClientSession, insecure_registries=config.insecure_registries
+            aiohttp.ClientSession,
+            insecure_registries=config.insecure_registries,
+            trust=self._registry_trust,
         )
         self.executor = Executor(
             self.engine,
@@ -342,6 +345,11 @@ class Daemon:
                 log.info("joined via seeds answered=%d of=%d", joined, len(addresses))
                 return
             await asyncio.sleep(self.config.join_retry_s * (0.5 + self._rng.random()))
+
+    def _registry_trust(self) -> RegistryTrust:
+        """What this node's dockerd said about insecure registries (its defaults until it
+        answers): the registry client reaches what dockerd reaches."""
+        return self.engine_info.registry_trust if self.engine_info else RegistryTrust()
 
     async def _refresh_engine(self) -> None:
         try:
