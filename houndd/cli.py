@@ -287,7 +287,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with _client(args) as c:
         plan = c.get(f"/v1/plans/{_plan_id(args.id)}")
         if args.follow and plan.get("state") not in FINAL_STATES:
-            plan = _follow(c, plan["id"], args)
+            try:
+                plan = _follow(c, plan["id"], args)
+            except KeyboardInterrupt:
+                raise _still_running(plan["id"]) from None
     _report(plan, args)
     return _plan_exit_code(plan) if args.follow else EXIT_OK
 
@@ -332,8 +335,8 @@ MAX_RECONNECTS = 30
 
 def _follow(client: Client, plan_id: str, args: argparse.Namespace) -> dict[str, Any]:
     """Show the plan's progress until it is final and return its final view. A stream that ends
-    early (the node restarted, a proxy cut it) is opened again; Ctrl-C raises Interrupted with
-    the commands to follow or cancel the plan, which keeps running."""
+    early (the node restarted, a proxy cut it) is opened again. Ctrl-C propagates: the caller
+    says the plan keeps running and how to follow or cancel it (`_still_running`)."""
     import time
 
     from houndd.client import Unreachable
@@ -369,15 +372,16 @@ def _follow(client: Client, plan_id: str, args: argparse.Namespace) -> dict[str,
             if plan.get("state") in FINAL_STATES:
                 return plan
             time.sleep(RECONNECT_PAUSE_S)
-    except KeyboardInterrupt:
-        progress.close()
-        raise Interrupted(
-            f"stopped following plan {plan_id}; it keeps running on the cluster.\n"
-            f"  follow it again: houndd plan {plan_id} --follow\n"
-            f"  cancel it:       houndd cancel {plan_id}"
-        ) from None
     finally:
         progress.close()
+
+
+def _still_running(plan_id: str) -> Interrupted:
+    return Interrupted(
+        f"stopped following plan {plan_id}; it keeps running on the cluster.\n"
+        f"  follow it again: houndd plan {plan_id} --follow\n"
+        f"  cancel it:       houndd cancel {plan_id}"
+    )
 
 
 # --- commands: plans -----------------------------------------------------------------------
@@ -445,19 +449,23 @@ def _submit(args: argparse.Namespace, body: bytes, ctype: str, *, wait: bool) ->
     structured = fmt in ("json", "yaml")
     with _client(args) as c:
         accepted = c.request("POST", "/v1/plans", data=body, content_type=ctype)
-        # while following, items of unresolved images are reported failed like any other
-        info, problems = submit_notes(accepted, with_unresolved=not wait)
-        if not structured:
-            print(accepted["id"], flush=True)
-            for line in info:
-                print(line, file=sys.stderr)
-        for problem in problems:
-            _warn(f"warning: {problem}")
-        if not wait:
-            if structured:
-                _emit(accepted, fmt)
-            return EXIT_FAILED if submit_problems(accepted) else EXIT_OK
-        final = _follow(c, accepted["id"], args)
+        try:
+            # while following, items of unresolved images are reported failed like any other
+            info, problems = submit_notes(accepted, with_unresolved=not wait)
+            if not structured:
+                print(accepted["id"], flush=True)
+                for line in info:
+                    print(line, file=sys.stderr)
+            for problem in problems:
+                _warn(f"warning: {problem}")
+            if not wait:
+                if structured:
+                    _emit(accepted, fmt)
+                return EXIT_FAILED if submit_problems(accepted) else EXIT_OK
+            final = _follow(c, accepted["id"], args)
+        except KeyboardInterrupt:
+            # accepted means it runs: say so, whenever the interrupt came
+            raise _still_running(accepted["id"]) from None
     if structured:
         _emit(final, fmt)
     else:

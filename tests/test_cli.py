@@ -35,7 +35,7 @@ from tests.procs import LocalCluster, Node
 pytestmark = [pytest.mark.processes, pytest.mark.docker]
 
 # Long enough to see progress and interrupt a wait, short enough for CI.
-PULL_S = 2.0
+PULL_S = 1.2
 LONG_REPOSITORY = "team-with-a-long-name/project/subsystem/component-with-a-long-name"
 
 
