@@ -69,6 +69,25 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return took
 
 
+def import_profile(argv: list[str], env: dict[str, str]) -> list[tuple[str, float]]:
+    """Top-level imports of one run (`python -X importtime`), cumulative ms, largest first:
+    where a verb's start-up goes."""
+    script = Path(argv[0])
+    interpreter = script.read_text().splitlines()[0].removeprefix("#!").strip()
+    proc = subprocess.run(
+        [interpreter, "-X", "importtime", str(script), *argv[1:]],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    top: list[tuple[str, float]] = []
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative_us, name = line.split("|", 2)
+        if name.startswith(" ") and not name.startswith("  "):  # depth 0: imported by the verb
+            top.append((name.strip(), round(int(cumulative_us.strip()) / 1000, 1)))
+    return sorted(top, key=lambda item: -item[1])[:12]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per command")
@@ -123,6 +142,7 @@ def main() -> None:
                 else:
                     samples[name].append(timed(argv, env))
         load_after = loadavg_1m()
+        profile = import_profile(commands["status --json"], env)
     finally:
         cluster.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -160,6 +180,7 @@ def main() -> None:
         "load_1m": [load_before, load_after],
         "took_s": round(time.monotonic() - started, 1),
         "rows": rows,
+        "status_json_imports_ms": profile,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cli.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -193,6 +214,14 @@ def render_md(result: dict[str, Any]) -> str:
         f"{result['load_1m'][1]} (the machine was shared with other work).",
         "",
         f"Command: `{result['command']}`; {result['took_s']} s; {result['when']}.",
+        "",
+        "Where `houndd status --json` spends its start-up (`python -X importtime`, top-level "
+        "imports, cumulative ms, one run; `site` is the interpreter's own start-up, which "
+        "`python -c pass` pays too):",
+        "",
+        "| module | ms |",
+        "|---|---|",
+        *(f"| `{name}` | {ms} |" for name, ms in result["status_json_imports_ms"]),
         "",
     ]
     return "\n".join(lines)
