@@ -24,6 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
+    from types import ModuleType
     from typing import Any
 
     from houndd.client import Client
@@ -248,39 +249,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- commands: reading the cluster ------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        data = c.get("/v1/cluster")
+def _show(
+    args: argparse.Namespace, data: Any, table: Callable[[ModuleType], Callable[..., list[str]]]
+) -> int:
+    """Print `data` as -o asks: json/yaml as it came, else as the table `table(render)` makes
+    (render, with its imports, is loaded only then)."""
     fmt = _output(args)
     if fmt in ("json", "yaml"):
         _emit(data, fmt)
-    else:
-        from houndd.render import cluster_lines
+        return EXIT_OK
+    from houndd import render
 
-        _print(
-            cluster_lines(data, _term(sys.stdout), wide=fmt == "wide", no_headers=args.no_headers)
-        )
+    lines = table(render)(
+        data,
+        _term(sys.stdout),
+        wide=fmt == "wide",
+        no_headers=getattr(args, "no_headers", False),
+    )
+    _print(lines)
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return _show(args, c.get("/v1/cluster"), lambda r: r.cluster_lines)
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        data = c.get("/v1/plans")
-    fmt = _output(args)
-    if fmt in ("json", "yaml"):
-        _emit(data, fmt)
-    else:
-        from houndd.render import plans_lines
-
-        _print(
-            plans_lines(
-                data.get("plans", []),
-                _term(sys.stdout),
-                wide=fmt == "wide",
-                no_headers=args.no_headers,
-            )
-        )
-    return EXIT_OK
+        return _show(args, c.get("/v1/plans"), lambda r: r.plans_lines)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -302,20 +299,7 @@ def _plan_id(text: str) -> str:
 
 
 def _report(plan: dict[str, Any], args: argparse.Namespace) -> None:
-    fmt = _output(args)
-    if fmt in ("json", "yaml"):
-        _emit(plan, fmt)
-        return
-    from houndd.render import plan_lines
-
-    _print(
-        plan_lines(
-            plan,
-            _term(sys.stdout),
-            wide=fmt == "wide",
-            no_headers=getattr(args, "no_headers", False),
-        )
-    )
+    _show(args, plan, lambda r: r.plan_lines)
 
 
 def _plan_exit_code(plan: dict[str, Any]) -> int:

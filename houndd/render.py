@@ -184,9 +184,9 @@ def summary_text(summary: Mapping[str, int]) -> str:
     return ", ".join(parts)
 
 
-def plans_lines(
-    plans: Sequence[Mapping[str, Any]], term: Term, *, wide: bool, no_headers: bool
-) -> list[str]:
+def plans_lines(data: Mapping[str, Any], term: Term, *, wide: bool, no_headers: bool) -> list[str]:
+    """`houndd plans` (the body of GET /v1/plans)."""
+    plans: Sequence[Mapping[str, Any]] = data.get("plans", [])
     headers = ["id", "name", "action", "state", "items", "accepted"]
     if wide:
         headers += ["via", "coordinator"]

@@ -30,7 +30,7 @@ import yaml
 from houndd.cli import build_parser
 from tests.fixtures.images import push_image
 from tests.fixtures.services import Registry
-from tests.procs import LocalCluster, Node
+from tests.procs import LocalCluster, Node, run_houndd
 
 pytestmark = [pytest.mark.processes, pytest.mark.docker]
 
@@ -59,14 +59,7 @@ class Cli:
     def run(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "houndd", *args],
-            capture_output=True,
-            text=True,
-            env=env or houndd_env(),
-            timeout=timeout,
-            check=False,
-        )
+        proc = run_houndd(*args, env=env, timeout=timeout)
         assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
         return proc
 
@@ -278,18 +271,23 @@ def _pty_run(argv: list[str], rows: int, cols: int, timeout: float) -> tuple[int
     return proc.returncode, out, screen.decode(errors="replace")
 
 
-def test_live_progress_on_a_terminal_is_redrawn_in_place_then_cleared(cli: Cli) -> None:
-    images = "[" + ", ".join(cli.images) + "]"
+def _wait_on_a_terminal(cli: Cli, name: str, rows: int) -> tuple[str, str]:
+    """`submit --wait` of all three images with stderr on a rows x 250 terminal."""
     plan = cli.plan_file(
-        "live.yaml",
-        f"name: live\ntargets:\n  - images: {images}\n    all: true\n"
+        f"{name}.yaml",
+        f"name: {name}\ntargets:\n  - images: [{', '.join(cli.images)}]\n    all: true\n"
         "policy: {pull_policy: Always}\n",
     )
     code, out, screen = _pty_run(
         [sys.executable, "-m", "houndd", "submit", str(plan), "--wait", *cli.config],
-        rows=40, cols=250, timeout=60,
+        rows=rows, cols=250, timeout=60,
     )  # fmt: skip
     assert code == 0, screen
+    return out, screen
+
+
+def test_live_progress_on_a_terminal_is_redrawn_in_place_then_cleared(cli: Cli) -> None:
+    out, screen = _wait_on_a_terminal(cli, "live", rows=40)
     assert "\x1b[J" in screen  # the region is redrawn in place (and cleared at the end)
     assert "/s" in screen and "ETA" in screen and " / " in screen  # rate, ETA, done/total
     assert "plan live " in screen  # the overall line
@@ -300,17 +298,7 @@ def test_live_progress_on_a_terminal_is_redrawn_in_place_then_cleared(cli: Cli) 
 
 
 def test_rows_per_image_when_items_do_not_fit_the_screen(cli: Cli) -> None:
-    images = "[" + ", ".join(cli.images) + "]"
-    plan = cli.plan_file(
-        "small-screen.yaml",
-        f"name: small\ntargets:\n  - images: {images}\n    all: true\n"
-        "policy: {pull_policy: Always}\n",
-    )
-    code, _, screen = _pty_run(
-        [sys.executable, "-m", "houndd", "submit", str(plan), "--wait", *cli.config],
-        rows=4, cols=250, timeout=60,
-    )  # fmt: skip
-    assert code == 0, screen
+    _, screen = _wait_on_a_terminal(cli, "small", rows=4)
     assert " nodes" in screen and "more images" in screen, screen
 
 
@@ -394,7 +382,7 @@ def test_bad_arguments_exit_2_without_a_traceback(
 
 
 def test_an_environment_variable_error_names_the_variable(cli: Cli) -> None:
-    proc = cli.run("status", *cli.config, env=houndd_env(HOUNDD_PORT="seventy"))
+    proc = cli.run("status", *cli.config, env={"HOUNDD_PORT": "seventy"})
     assert proc.returncode == 2
     assert "HOUNDD_PORT" in proc.stderr and "'seventy'" in proc.stderr
 

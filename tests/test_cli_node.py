@@ -6,26 +6,18 @@ as 'node unavailable' (what `--wait` shows)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from houndd.wire.keyring import Keyring
-from tests.procs import LocalCluster, http
+from tests.procs import LocalCluster, http, run_houndd
 
 pytestmark = pytest.mark.processes
 
 
-def houndd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOUNDD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "houndd", *args],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
+houndd = run_houndd
 
 
 def test_init_refuses_to_replace_a_different_cluster_key_without_force(tmp_path: Path) -> None:
@@ -108,17 +100,24 @@ def test_items_of_a_dead_node_say_when_they_will_fail(tmp_path: Path) -> None:
             {"name": "dead", "targets": [{"images": [image], "nodes": ["beta"]}]},
         )  # fmt: skip
         assert status == 201, accepted
+
+        def row() -> dict[str, object]:
+            _, plan = first.get(f"/v1/plans/{accepted['id']}")
+            item: dict[str, object] = plan["items"][0]
+            return item
+
+        # in flight on beta (30 s pulls), so its death is what keeps the item waiting
+        cluster.wait_for(lambda: row()["state"] == "pulling", 30, "beta pulling")
         cluster.signal("beta", signal.SIGKILL)
         timeout = 20.0  # node_return_timeout_s of the local preset
 
         def dead_row() -> dict[str, object] | None:
-            _, plan = first.get(f"/v1/plans/{accepted['id']}")
-            row: dict[str, object] = plan["items"][0]
-            return row if row.get("node_state") == "dead" else None
+            current = row()
+            return current if current.get("node_state") == "dead" else None
 
-        row = cluster.wait_for(dead_row, 30, "beta's item to show its node dead")
-        assert row["state"] in ("pending", "pulling")
-        left = row["unavailable_in_s"]
+        dead = cluster.wait_for(dead_row, 30, "beta's item to show its node dead")
+        assert dead["state"] in ("pending", "pulling")
+        left = dead["unavailable_in_s"]
         assert isinstance(left, float) and 0 <= left <= timeout
     finally:
         cluster.close()

@@ -15,6 +15,7 @@ from houndd.cli import build_parser, with_default_name
 from houndd.client import ApiAddress, BadApiAddress, parse_api
 from houndd.completion import completion_script
 from houndd.render import Progress, Term, plan_lines, table
+from tests.procs import run_houndd
 
 
 @pytest.mark.parametrize(
@@ -233,24 +234,13 @@ class _ProblemServer:
         self.server.server_close()
 
 
-def _houndd(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOUNDD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "houndd", *args],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-
-
 def test_cancel_of_a_finished_plan_is_reported_not_claimed() -> None:
     server = _ProblemServer(
         409, {"type": "about:blank", "title": "plan finished", "status": 409,
               "detail": "plan p-1 is already done; nothing to cancel"},
     )  # fmt: skip
     try:
-        proc = _houndd("cancel", "p-1", "--api", server.api, "--token", "t")
+        proc = run_houndd("cancel", "p-1", "--api", server.api, "--token", "t")
     finally:
         server.close()
     assert proc.returncode == 1
@@ -264,7 +254,7 @@ def test_a_server_error_is_one_readable_line() -> None:
     server = _ProblemServer(503, {"title": "no coordinator", "status": 503,
                                   "detail": "election in progress; retry shortly"})  # fmt: skip
     try:
-        proc = _houndd("plans", "--api", server.api, "--token", "t")
+        proc = run_houndd("plans", "--api", server.api, "--token", "t")
     finally:
         server.close()
     assert proc.returncode == 1

@@ -31,6 +31,7 @@ from houndd.errors import (
     PlanError,
     ReplicationError,
 )
+from houndd.jsondoc import DuplicateKey, unique_pairs
 from houndd.membership.member import MAX_LABELS
 
 log = logging.getLogger("houndd.api")
@@ -174,28 +175,12 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
 async def _read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = json.loads(raw or b"null", object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
-        # json would keep the last value silently; the sender meant one of them, not both
-        raise ProblemError(400, "invalid JSON", f"duplicate key {e.key!r}", field=e.key) from None
+        body = json.loads(raw or b"null", object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
+        raise ProblemError(400, "invalid JSON", str(e), field=str(e.key)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProblemError(400, "invalid JSON", str(e), field="body") from None
     except RecursionError:
