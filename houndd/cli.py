@@ -95,6 +95,8 @@ def _api(args: argparse.Namespace, config: Config | None) -> str:
         "127.0.0.1" if config.bind in ("0.0.0.0", "::", "") else config.bind
     )
     scheme = "https" if config.tls_cert_file else "http"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
     return f"{scheme}://{host}:{config.port}"
 
 
@@ -129,7 +131,7 @@ def _client(args: argparse.Namespace) -> Client:
         assert config is not None
         hint = (
             f"no cluster key at {config.cluster_key_path} to derive the API token from: run this "
-            f"on a node as the user houndd runs as, point --config at its config, or pass --token"
+            f"on a node as root (sudo), point --config at the node's config, or pass --token"
         )
     return Client(parse_api(_api(args, config)), token, unauthorized_hint=hint)
 
@@ -339,22 +341,26 @@ def _follow(client: Client, plan_id: str, args: argparse.Namespace) -> dict[str,
                     failures = 0
                     if event is None:
                         ticks += 1
+                        if quiet:
+                            continue
                         if ticks % REFRESH_EVERY_TICKS == 0:
                             progress.refresh(client.get(f"/v1/plans/{plan_id}"))
-                        elif not quiet:
+                        else:
                             progress.tick()
                         continue
                     if not quiet:
                         progress.update(event)
                     if event.get("event") == "final" and isinstance(event.get("plan"), dict):
                         return dict(event["plan"])
+                # the stream ended without the final view: it may be final anyway
+                plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}")
+                if plan.get("state") in FINAL_STATES:
+                    return plan
             except Unreachable:
+                # the node restarted or a proxy cut the stream: try again for a while
                 failures += 1
                 if failures > MAX_RECONNECTS:
                     raise
-            plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}")
-            if plan.get("state") in FINAL_STATES:
-                return plan
             time.sleep(RECONNECT_PAUSE_S)
     finally:
         progress.close()
