@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from houndd.blobs.tree import rank
 from tests.fixtures.images import PushedImage, push_image_detailed
@@ -234,3 +237,20 @@ def test_the_daemons_blob_endpoint_refuses_what_is_not_a_members_request(
     assert status == 403, body  # no installed key id: refused before any crypto
     status, body = http("POST", node.api + "/v1/peer/blob", None, b"x" * (2 << 20))
     assert status == 413, body  # over max_http_body_bytes
+
+
+def test_blob_metrics_are_exposed_by_prometheus_rules(p2p: P2PCluster) -> None:
+    node = p2p.procs.nodes["p1"]
+    with urllib.request.urlopen(node.api + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("houndd_blob_fetched_bytes", "houndd_blob_verify_failures"):
+        assert families[name].type == "counter"
+        assert {s.labels.get("source") for s in families[name].samples} >= {"registry", "peer"}
+    assert families["houndd_blob_cache_bytes"].type == "gauge"
+    if shutil.which("promtool") is not None:
+        proc = subprocess.run(
+            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
