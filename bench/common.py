@@ -328,3 +328,17 @@ def scratch_dir(path: Path | None, prefix: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix, dir="/var/tmp") as d:
         yield Path(d)
+
+
+def houndd_converged(cluster: Any, wanted: set[str], timeout_s: float = 90.0) -> bool:
+    """Wait until n1 sees every host in `wanted` alive and knows a coordinator (`cluster` is
+    a tests.cluster.harness.Cluster); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError):  # ClusterError: n1 not answering yet
+            status = cluster.houndd_json("n1", "status")
+            alive = {m.get("name") for m in status.get("members", []) if m.get("state") == "alive"}
+            if alive >= wanted and cluster.coordinator("n1"):
+                return True
+        time.sleep(0.5)
+    return False

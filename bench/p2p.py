@@ -40,7 +40,13 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench.common import Sampler, machine, run_parallel, scratch_dir  # noqa: E402
+from bench.common import (  # noqa: E402
+    Sampler,
+    houndd_converged,
+    machine,
+    run_parallel,
+    scratch_dir,
+)
 from tests.cluster.harness import Cluster, ClusterError, houndd_missing  # noqa: E402
 from tests.fixtures.images import PushedImage, push_image_detailed  # noqa: E402
 
@@ -85,17 +91,8 @@ class P2PBench:
             self.cluster.start_houndd(h, overrides, wait_ready=False)
         for h in self.cluster.hosts:
             self.cluster.wait_houndd_ready(h)
-        wanted = {h.name for h in self.cluster.hosts}
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ClusterError):
-                status = self.cluster.houndd_json("n1", "status")
-                alive = {
-                    m.get("name") for m in status.get("members", []) if m.get("state") == "alive"
-                }
-                if alive >= wanted and self.cluster.coordinator("n1"):
-                    return
-            time.sleep(0.5)
+        if houndd_converged(self.cluster, {h.name for h in self.cluster.hosts}):
+            return
         raise BenchError(f"houndd did not converge; n1 log:\n{self.cluster.houndd_log_tail('n1')}")
 
     # --- methods ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ each requested image at the pushed digest. Results (JSON, markdown, PNG plots) g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import logging
@@ -52,6 +51,7 @@ from bench.common import (  # noqa: E402
     Scenario,
     case,
     catalog,
+    houndd_converged,
     identical,
     link_tx_bytes,
     lower_bound_s,
@@ -381,16 +381,8 @@ class Bench:
                 self.cluster.start_houndd(h, {"preset": self.args.preset}, wait_ready=False)
         for h in self.cluster.hosts[:n]:
             self.cluster.wait_houndd_ready(h)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ClusterError):
-                status = self.cluster.houndd_json("n1", "status")
-                alive = {
-                    m.get("name") for m in status.get("members", []) if m.get("state") == "alive"
-                }
-                if alive >= wanted and self.cluster.coordinator("n1"):
-                    return
-            time.sleep(0.5)
+        if houndd_converged(self.cluster, wanted, timeout_s=60):
+            return
         tail = self.cluster.houndd_log_tail("n1")
         raise BenchError(f"houndd on {sorted(wanted)} did not converge; n1 log:\n{tail}")
 

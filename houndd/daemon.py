@@ -499,56 +499,31 @@ class Daemon:
         ) -> Callable[[], dict[tuple[str, ...], float]]:
             return lambda: {(k,): float(counter.get(k, 0)) for k in {*keys, *counter}}
 
-        m = self.metrics
-        m.watch(
-            "houndd_blob_fetched_bytes",
-            "blob bytes this node received into its cache, by source",
-            ("source",),
-            by(stats.fetched_bytes, "registry", "peer"),
-            counter=True,
-        )
-        m.watch(
-            "houndd_blob_served_bytes",
-            "blob bytes this node served, to its own dockerd or to peers",
-            ("reader",),
-            by(stats.served_bytes, "dockerd", "peer"),
-            counter=True,
-        )
-        m.watch(
-            "houndd_blob_verify_failures",
-            "blobs that did not match their digest, by who sent the bytes",
-            ("source",),
-            by(stats.verify_failures, "registry", "peer"),
-            counter=True,
-        )
-        m.watch(
-            "houndd_blob_source_failures",
-            "blob transfers that failed and moved on to another source, by kind",
-            ("kind",),
-            by(stats.source_failures),
-            counter=True,
-        )
-        m.watch(
-            "houndd_blob_cache_hits",
-            "blob requests answered from the complete cache",
-            (),
-            lambda: {(): float(stats.cache_hits)},
-            counter=True,
-        )
-        m.watch(
-            "houndd_blob_cache_evictions",
-            "blobs evicted from the cache to make room",
-            (),
-            lambda: {(): float(blobs.cache.evictions)},
-            counter=True,
-        )
-        m.watch(
+        Read = Callable[[], Mapping[tuple[str, ...], float]]
+        counters: tuple[tuple[str, str, str, Read], ...] = (
+            ("fetched_bytes", "blob bytes this node received into its cache, by source",
+             "source", by(stats.fetched_bytes, "registry", "peer")),
+            ("served_bytes", "blob bytes this node served, to its own dockerd or to peers",
+             "reader", by(stats.served_bytes, "dockerd", "peer")),
+            ("verify_failures", "blobs that did not match their digest, by who sent the bytes",
+             "source", by(stats.verify_failures, "registry", "peer")),
+            ("source_failures", "blob transfers that failed and moved on to another source",
+             "kind", by(stats.source_failures)),
+            ("cache_hits", "blob requests answered from the complete cache",
+             "", lambda: {(): float(stats.cache_hits)}),
+            ("cache_evictions", "blobs evicted from the cache to make room",
+             "", lambda: {(): float(blobs.cache.evictions)}),
+        )  # fmt: skip
+        for name, doc, label, read in counters:
+            labels = (label,) if label else ()
+            self.metrics.watch(f"houndd_blob_{name}", doc, labels, read, counter=True)
+        self.metrics.watch(
             "houndd_blob_cache_bytes",
             "bytes of complete blobs in the cache",
             (),
             lambda: {(): float(blobs.cache.stored_bytes)},
         )
-        m.watch(
+        self.metrics.watch(
             "houndd_blob_uploads",
             "blob uploads to peers in progress",
             (),
