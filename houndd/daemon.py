@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -35,7 +35,6 @@ from houndd.discovery import Discovery, default_route_address
 from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
-from houndd.image.reference import ImageRef
 from houndd.image.registry import RegistryClient
 from houndd.image.trust import RegistryTrust
 from houndd.keyfiles import load_or_create_boot_epoch
@@ -45,7 +44,7 @@ from houndd.membership.transport import PeerRejected, UdpHttpTransport
 from houndd.metrics import Metrics
 from houndd.puller.docker import DockerEngine
 from houndd.puller.engine import Engine, EngineInfo, PruneReport, PullProgress
-from houndd.puller.executor import Executor, ItemReport, PullRoute
+from houndd.puller.executor import Executor, ItemReport
 from houndd.puller.memory import FakeEngine
 from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
 
@@ -141,30 +140,6 @@ class CountingEngine:
 
     async def close(self) -> None:
         await self._engine.close()
-
-
-class CountingRoute:
-    """A blob-sharing pull is one engine pull to `houndd_engine_pulls_total`, however many
-    engine calls the route makes."""
-
-    def __init__(self, route: PullRoute, metrics: Metrics) -> None:
-        self._route = route
-        self._metrics = metrics
-
-    async def pull(
-        self,
-        image: ImageRef,
-        digest: str,
-        *,
-        auth: RegistryAuth | None,
-        plan_id: str,
-        nodes: Sequence[str],
-        progress: Callable[[PullProgress], None],
-    ) -> None:
-        self._metrics.engine_pulls.inc()
-        await self._route.pull(
-            image, digest, auth=auth, plan_id=plan_id, nodes=nodes, progress=progress
-        )
 
 
 def advertise_host(config: Config) -> str:
@@ -284,7 +259,7 @@ class Daemon:
             node_id=self.wire.node_id,
             progress_interval_s=config.progress_interval_s,
             on_report=self._on_report,
-            route=CountingRoute(self.blobs.route, self.metrics) if self.blobs else None,
+            route=self.blobs.route if self.blobs is not None else None,
         )
         self.service = CoordinatorService(
             config,
@@ -343,6 +318,8 @@ class Daemon:
             registry=self.registry,
             address_of=address_of,
             usable=usable,
+            # one pull to houndd_engine_pulls_total, however many engine calls it makes
+            on_pull=self.metrics.engine_pulls.inc,
         )
 
     async def run(self) -> None:

@@ -37,9 +37,17 @@ log = logging.getLogger("houndd.blobs")
 class LoopbackRoute:
     """The executor's `PullRoute` when blob sharing is on."""
 
-    def __init__(self, engine: Engine, loopback: LoopbackRegistry) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        loopback: LoopbackRegistry,
+        *,
+        on_pull: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_pull` is called once per pull (metrics), whatever the engine calls it takes."""
         self._engine = engine
         self._loopback = loopback
+        self._on_pull = on_pull
 
     async def pull(
         self,
@@ -51,6 +59,8 @@ class LoopbackRoute:
         nodes: Sequence[str],
         progress: Callable[[PullProgress], None],
     ) -> None:
+        if self._on_pull is not None:
+            self._on_pull()
         origin = f"{image.familiar_repository}@{digest}"
         ctx = BlobContext(
             plan_id=plan_id,

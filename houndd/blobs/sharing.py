@@ -39,6 +39,7 @@ class BlobSharing:
         registry: RegistryClient,
         address_of: Callable[[str], Address | None],
         usable: Callable[[str], bool],
+        on_pull: Callable[[], None] | None = None,
     ) -> None:
         self.stats = BlobStats()
         self.cache = BlobCache(
@@ -70,7 +71,7 @@ class BlobSharing:
         self.loopback = LoopbackRegistry(
             self.fetcher, registry, self.cache, port=config.blob_loopback_port
         )
-        self.route = LoopbackRoute(engine, self.loopback)
+        self.route = LoopbackRoute(engine, self.loopback, on_pull=on_pull)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.cache.open)
