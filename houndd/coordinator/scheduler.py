@@ -563,8 +563,10 @@ class Scheduler:
         if n is None or n.dead or self._cancelled:
             return []
         n.dead = True
-        self._lose(n, now)
-        return self._fill(now, ())
+        actions: list[Action] = []
+        self._lose(n, now, actions)
+        actions.extend(self._fill(now, ()))
+        return actions
 
     def on_node_up(self, node: str, now: float) -> list[Action]:
         """Membership says `node` is alive again: its queue is dispatched at once."""
@@ -595,12 +597,9 @@ class Scheduler:
         ):
             return []
         n.misses += 1
-        self._lose(n, now)
         actions: list[Action] = []
-        assert n.away_since is not None
-        if now >= n.away_since + self._node_down_timeout_s:
-            self._give_up(n, actions)
-        else:
+        self._lose(n, now, actions)
+        if n.queue:
             n.retry_at = now + self.redispatch_delay(n.misses)
             self._push_timer(n.retry_at, _NODE_RETRY, n)
             log.info(
@@ -688,9 +687,10 @@ class Scheduler:
         else:
             self._idle.pop(node.name, None)
 
-    def _lose(self, node: _Node, now: float) -> None:
+    def _lose(self, node: _Node, now: float, out: list[Action]) -> None:
         """The node went away: its in-flight items go back to its queue, uncharged, and the
-        node_down_timeout_s countdown starts (if it is not running already)."""
+        node_down_timeout_s countdown starts. If it ran out already (its timer fired while a
+        re-dispatch was out), the queue fails now: no timer is left to do it later."""
         for item in list(node.inflight.values()):
             self._leave_flight(item)
             item.state = "pending"
@@ -699,6 +699,8 @@ class Scheduler:
         if node.away_since is None:
             node.away_since = now
             self._push_timer(now + self._node_down_timeout_s, _NODE_DOWN, node)
+        elif now >= node.away_since + self._node_down_timeout_s:
+            self._give_up(node, out)
         self._refresh(node)
 
     def _heard_from(self, node: _Node) -> None:

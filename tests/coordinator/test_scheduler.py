@@ -444,6 +444,25 @@ def test_time_up_while_a_redispatch_is_out_waits_for_its_outcome() -> None:
     assert s.on_result("a", "x", 2, True, "", False, 51.0) == [Final("a", "x", "done", "")]
 
 
+def test_time_up_while_a_redispatch_is_out_then_dead_fails_at_once() -> None:
+    # The verdict was deferred to the re-dispatch's outcome; membership declares the node dead
+    # first, which takes the re-dispatch back: the verdict must not be lost with it.
+    s = sched(
+        [("a", "x", "", 1)],
+        node_down_timeout_s=10.0,
+        redispatch_base_s=9.0,
+        redispatch_cap_s=9.0,
+    )
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    at = s.next_wakeup()
+    assert at is not None
+    s.on_tick(at)  # the re-dispatch goes out ...
+    assert s.on_tick(10.0) == []  # ... and is still out when the time is up
+    assert s.on_node_down("a", 11.0) == [Final("a", "x", "failed", NODE_UNAVAILABLE)]
+    assert s.done()
+
+
 def test_reachable_again_restarts_the_countdown() -> None:
     s = sched(
         [("a", "x", "", 2), ("a", "y", "", 1)],
