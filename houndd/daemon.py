@@ -204,6 +204,8 @@ class Daemon:
             rotation_s=config.signing_key_rotation_s,
             grace_s=config.signing_key_grace_s,
             replay_window_s=config.replay_window_s,
+            # Messages stamped before this start are refused: no replay window after a restart.
+            started_at=time.time(),
         )
         host = advertise_host(config)
         self.store = Store(config.db_path)
