@@ -299,6 +299,7 @@ class Daemon:
                 tg.create_task(self.service.keep_present_loop())
                 tg.create_task(self._engine_loop())
                 tg.create_task(self._join_seeds())
+                tg.create_task(self._join_window())
                 tg.create_task(self._until_stopped())
         except* _Stopped:
             pass
@@ -331,6 +332,10 @@ class Daemon:
         if store is not None:
             store.close()
         log.info("stopped node=%s", self.name)
+
+    async def _join_window(self) -> None:
+        await self.discovery.first_round.wait()
+        self.service.discovery_round_done()
 
     async def _join_seeds(self) -> None:
         if not self.config.seeds:

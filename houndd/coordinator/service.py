@@ -187,6 +187,7 @@ class CoordinatorService:
             policy_for=lambda doc: PlanSpec.from_document(doc["spec"]).policy,
             scheduler_options={"node_down_timeout_s": self.config.node_return_timeout_s},
         )
+        self._core.election.wait_for_discovery()  # until the daemon's discovery_round_done
         for name in m.PAYLOADS:
             if name in _SHELL_TYPES:
                 continue
@@ -214,6 +215,11 @@ class CoordinatorService:
                     await self._apply(core.tick(self._clock()))
             finally:
                 self._tg = None
+
+    def discovery_round_done(self) -> None:
+        """Discovery ran once: the election's join window starts now."""
+        self.core.election.discovery_round_done(self._clock())
+        self._wake.set()
 
     def _forget_finished(self) -> None:
         """Drop the executor's memory of plans that are final here: its job table would
