@@ -120,7 +120,8 @@ class Config:
         "how often a node checks it holds the images of keep_present plans", default=60.0
     )
     node_return_timeout_s: float = _doc(
-        "items of a dead target fail with 'node unavailable' after this long", default=300.0
+        "items of a dead or unreachable target fail with 'node unavailable' after this long",
+        default=300.0,
     )
 
     # --- wire security ---
