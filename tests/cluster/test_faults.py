@@ -277,6 +277,20 @@ def _pulling(node: str) -> Callable[[dict[str, Any]], bool]:
     return lambda i: i["node"] == node and i["state"] == "pulling"
 
 
+def _worker_mid_pull(
+    make_scenario: Callable[..., Scenario], overrides: dict[str, Any]
+) -> tuple[Scenario, str, str, str]:
+    """Start houndd everywhere, submit through one worker and wait until another worker (the
+    victim) pulls: returns (scenario, victim, entry, plan id)."""
+    s = make_scenario(overrides)
+    coordinator = s.wait_converged(s.names)
+    victim = s.worker(coordinator)
+    entry = s.worker(coordinator, not_=victim)
+    plan_id = s.submit(entry)
+    s.wait_items(entry, plan_id, _pulling(victim), f"a pull on {victim}")
+    return s, victim, entry, plan_id
+
+
 def _assert_done_everywhere(s: Scenario, via: str, plan_id: str) -> None:
     """The plan ends `done`, no item failed, every image is in every host's dockerd."""
     view = s.wait_final(via, plan_id)
@@ -305,12 +319,7 @@ def test_coordinator_target_restarts_mid_plan(make_scenario: Callable[..., Scena
 
 
 def test_target_paused_then_resumed(make_scenario: Callable[..., Scenario]) -> None:
-    s = make_scenario({})
-    coordinator = s.wait_converged(s.names)
-    victim = s.worker(coordinator)
-    entry = s.worker(coordinator, not_=victim)
-    plan_id = s.submit(entry)
-    s.wait_items(entry, plan_id, _pulling(victim), f"a pull on {victim}")
+    s, victim, entry, plan_id = _worker_mid_pull(make_scenario, {})
     s.cluster.kill(victim, signal.SIGSTOP)  # requests to it hang; SWIM declares it dead
     time.sleep(8.0)
     s.cluster.kill(victim, signal.SIGCONT)
@@ -344,13 +353,7 @@ def test_coordinator_sigkill_mid_plan(make_scenario: Callable[..., Scenario]) ->
 
 
 def test_link_cut_mid_plan_then_back(make_scenario: Callable[..., Scenario]) -> None:
-    s = make_scenario({})
-    coordinator = s.wait_converged(s.names)
-    victim = s.worker(coordinator)
-    entry = s.worker(coordinator, not_=victim)
-    plan_id = s.submit(entry)
-    s.wait_items(entry, plan_id, _pulling(victim), f"a pull on {victim}")
-
+    s, victim, entry, plan_id = _worker_mid_pull(make_scenario, {})
     s.cluster.cut(victim)
     # Long enough for SWIM to declare the victim dead (and the victim everyone else, so it
     # may elect itself alone), shorter than node_return_timeout_s (20 s): it must come back,
@@ -361,13 +364,7 @@ def test_link_cut_mid_plan_then_back(make_scenario: Callable[..., Scenario]) -> 
 
 
 def test_worker_sigkill_returns_and_is_retried(make_scenario: Callable[..., Scenario]) -> None:
-    s = make_scenario({})
-    coordinator = s.wait_converged(s.names)
-    victim = s.worker(coordinator)
-    entry = s.worker(coordinator, not_=victim)
-    plan_id = s.submit(entry)
-    s.wait_items(entry, plan_id, _pulling(victim), f"a pull on {victim}")
-
+    s, victim, entry, plan_id = _worker_mid_pull(make_scenario, {})
     s.cluster.kill(victim, signal.SIGKILL)
     time.sleep(3.0)
     s.cluster.start_houndd(victim, s.overrides)
@@ -376,13 +373,9 @@ def test_worker_sigkill_returns_and_is_retried(make_scenario: Callable[..., Scen
 
 def test_worker_sigkill_stays_away_fails_named(make_scenario: Callable[..., Scenario]) -> None:
     return_timeout_s = 5.0
-    s = make_scenario({"node_return_timeout_s": return_timeout_s})
-    coordinator = s.wait_converged(s.names)
-    victim = s.worker(coordinator)
-    entry = s.worker(coordinator, not_=victim)
-    plan_id = s.submit(entry)
-    s.wait_items(entry, plan_id, _pulling(victim), f"a pull on {victim}")
-
+    s, victim, entry, plan_id = _worker_mid_pull(
+        make_scenario, {"node_return_timeout_s": return_timeout_s}
+    )
     s.cluster.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     view = s.wait_final(entry, plan_id)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fixtures.images import push_image
 from tests.fixtures.services import Registry
-from tests.procs import LocalCluster, http
+from tests.procs import LocalCluster, http, start_seeded
 
 pytestmark = [pytest.mark.processes, pytest.mark.docker]
 
@@ -53,30 +53,10 @@ def tags(registry: Registry) -> list[str]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path)
-    first = None
-    for name in NODES:
-        node = cluster.add(
-            name,
-            seeds=[f"127.0.0.1:{first.port}"] if first else [],
-            docker_host="fake://?pull_s=0&size=1000",
-            extra=TIMINGS,
-        )
-        first = first or node
+    cluster = start_seeded(
+        tmp_path, NODES, docker_host="fake://?pull_s=0&size=1000", extra=TIMINGS, timeout=30
+    )
     try:
-        for name in NODES:
-            cluster.start(name)
-        for name in NODES:
-            cluster.wait_ready(name)
-        cluster.wait_for(
-            lambda: all(
-                set(cluster.members(n)) == set(NODES)
-                and set(cluster.members(n).values()) == {"alive"}
-                for n in NODES
-            ),
-            30,
-            "full membership",
-        )
         yield cluster
     finally:
         cluster.close()
