@@ -602,7 +602,9 @@ class Scheduler:
         if n.queue:
             n.retry_at = now + self.redispatch_delay(n.misses)
             self._push_timer(n.retry_at, _NODE_RETRY, n)
-            log.info(
+            # Once per absence at INFO: a node away for minutes misses a dispatch every few s.
+            log.log(
+                logging.INFO if n.misses == 1 else logging.DEBUG,
                 "node unreachable, re-dispatch later node=%s misses=%d at=%.3f",
                 node,
                 n.misses,
