@@ -34,6 +34,7 @@ from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
 from houndd.image.registry import RegistryClient
+from houndd.image.trust import RegistryTrust
 from houndd.keyfiles import load_or_create_boot_epoch
 from houndd.membership.member import Member, MemberState
 from houndd.membership.service import Membership
@@ -48,6 +49,7 @@ from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
 log = logging.getLogger("houndd.daemon")
 
 ENGINE_REFRESH_S = 30.0
+ITEM_STATES = ("pending", "pulling", "done", "failed", "cancelled")
 
 
 class _Stopped(Exception):
@@ -230,6 +232,7 @@ class Daemon:
             docker_version=info.server_version if info else "",
             free_disk_bytes=(info.free_disk_bytes or 0) if info else 0,
             incarnation=int(time.time() * 1000),  # outranks what we gossiped before a restart
+            version=__version__,
         )
         self.membership = Membership(
             config, self.wire, self.transport, local, rng=self._rng, keyring=keyring
@@ -244,7 +247,9 @@ class Daemon:
             rng=self._rng,
         )
         self.registry = RegistryClient(
-            aiohttp.ClientSession, insecure_registries=config.insecure_registries
+            aiohttp.ClientSession,
+            insecure_registries=config.insecure_registries,
+            trust=self._registry_trust,
         )
         self.executor = Executor(
             self.engine,
@@ -348,6 +353,11 @@ class Daemon:
                 return
             await asyncio.sleep(self.config.join_retry_s * (0.5 + self._rng.random()))
 
+    def _registry_trust(self) -> RegistryTrust:
+        """What this node's dockerd said about insecure registries (its defaults until it
+        answers): the registry client reaches what dockerd reaches."""
+        return self.engine_info.registry_trust if self.engine_info else RegistryTrust()
+
     async def _refresh_engine(self) -> None:
         try:
             self.engine_info = await self.engine.info()
@@ -389,15 +399,42 @@ class Daemon:
                 out[(reason,)] = out.get((reason,), 0.0) + n
             return out
 
+        def items() -> dict[tuple[str, ...], float]:
+            # from the plan views, so items that failed before dispatch (an image the registry
+            # does not have) count as failed like any other
+            counts = dict.fromkeys(ITEM_STATES, 0.0)
+            for view in self.service.plans():
+                for state, n in (view.get("summary") or {}).items():
+                    if state in counts:
+                        counts[state] += n
+            return {(state,): n for state, n in counts.items()}
+
+        def is_coordinator() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.service.coordinator()[0] == self.wire.node_id else 0.0}
+
+        def engine_up() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.engine_info is not None else 0.0}
+
         self.metrics.watch("houndd_members", "members by state", ("state",), members)
         self.metrics.watch(
-            "houndd_peer_messages_refused", "peer messages refused, by reason", ("reason",), refused
+            "houndd_peer_messages_refused",
+            "peer messages refused, by reason",
+            ("reason",),
+            refused,
+            counter=True,
         )
-        self.metrics.watch(
-            "houndd_items", "plan items by state", ("state",), self.service.items_by_state
-        )
+        self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
             "houndd_plans", "plans by state", ("state",), self.service.plans_by_state
+        )
+        self.metrics.watch(
+            "houndd_is_coordinator", "1 if this node coordinates now, else 0", (), is_coordinator
+        )
+        self.metrics.watch(
+            "houndd_engine_up",
+            "1 if this node's Docker engine answered its last check, else 0",
+            (),
+            engine_up,
         )
 
     def _on_report(self, report: ItemReport) -> None:
@@ -463,6 +500,7 @@ class Daemon:
             "os": m.os,
             "docker_version": m.docker_version,
             "free_disk_bytes": m.free_disk_bytes,
+            "version": m.version,
             "last_heard": m.last_heard if m.node_id != self.wire.node_id else time.time(),
         }
 
@@ -512,13 +550,42 @@ class Daemon:
         return self.service.plans()
 
     def plan(self, plan_id: str) -> dict[str, Any] | None:
-        return self.service.plan(plan_id)
+        view = self.service.plan(plan_id)
+        return self._with_node_states(view) if view is not None else None
+
+    def _with_node_states(self, view: dict[str, Any]) -> dict[str, Any]:
+        """The view with each item's `node_state` and, for an unfinished item of a dead node,
+        `unavailable_in_s`: about how long until it fails as 'node unavailable' (counted from
+        when this node last heard the target). Rows are copied: the service compares them."""
+        if "items" not in view:
+            return view
+        return {**view, "items": [self._with_node_state(row) for row in view["items"]]}
+
+    def _with_node_state(self, row: dict[str, Any]) -> dict[str, Any]:
+        node_id = row.get("node_id")
+        member = self.membership.get(node_id) if node_id else self.membership.by_name(row["node"])
+        out = {**row, "node_state": member.state.value if member else "unknown"}
+        down = member is not None and member.state in (MemberState.DEAD, MemberState.LEFT)
+        if member is not None and down and not row.get("final"):
+            deadline = member.last_heard + self.config.node_return_timeout_s
+            out["unavailable_in_s"] = round(max(0.0, deadline - time.time()), 1)
+        return out
 
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
-        return self.service.events(plan_id)
+    async def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+        events = self.service.events(plan_id)
+        try:
+            async for event in events:
+                if isinstance(event.get("plan"), dict):
+                    yield {**event, "plan": self._with_node_states(event["plan"])}
+                elif isinstance(event.get("item"), dict):
+                    yield {**event, "item": self._with_node_state(event["item"])}
+                else:
+                    yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def peer(self, data: bytes, source: str | None) -> bytes:
         try:

@@ -54,6 +54,7 @@ class Member:
     state: MemberState = MemberState.ALIVE
     incarnation: int = 0
     last_heard: float = 0.0
+    version: str = ""  # of houndd on that node, for `houndd status` during rolling upgrades
 
     @property
     def address(self) -> Address:
@@ -75,6 +76,7 @@ class Member:
             and self.os == other.os
             and self.docker_version == other.docker_version
             and self.free_disk_bytes == other.free_disk_bytes
+            and self.version == other.version
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -91,12 +93,13 @@ class Member:
             "disk": self.free_disk_bytes,
             "state": self.state.value,
             "inc": self.incarnation,
+            "ver": self.version,
         }
 
     @classmethod
     def from_wire(cls, obj: object) -> Member:
         """Strictly decode `to_wire()` output; `WireError` names the offending field."""
-        d = _exact_keys(obj, _MEMBER_KEYS, "member")
+        d = _exact_keys(obj, _MEMBER_KEYS, "member", optional=_OPTIONAL_MEMBER_KEYS)
         port = _int(d, "port", "member")
         if not 0 < port < 65536:
             raise WireError(f"member.port: expected 1..65535, got {port}")
@@ -136,18 +139,23 @@ class Member:
             free_disk_bytes=disk,
             state=state,
             incarnation=inc,
+            version=_str(d, "ver", "member") if "ver" in d else "",
         )
 
 
 _MEMBER_KEYS = frozenset(
     {"id", "name", "host", "port", "labels", "kernel", "os", "docker", "disk", "state", "inc"}
 )
+# Keys added after the first release: records gossiped by older nodes lack them.
+_OPTIONAL_MEMBER_KEYS = frozenset({"ver"})
 
 
-def _exact_keys(obj: object, keys: frozenset[str], what: str) -> Mapping[str, Any]:
+def _exact_keys(
+    obj: object, keys: frozenset[str], what: str, *, optional: frozenset[str] = frozenset()
+) -> Mapping[str, Any]:
     if not isinstance(obj, dict):
         raise WireError(f"{what}: expected a map, got {type(obj).__name__}")
-    got = set(obj)
+    got = set(obj) - optional
     if got != keys:
         missing = sorted(keys - got)
         unknown = sorted(str(k) for k in got - keys)

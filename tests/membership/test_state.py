@@ -368,3 +368,14 @@ def test_same_seed_same_decisions() -> None:
 
     assert trace(7) == trace(7)
     assert trace(7) != trace(8)
+
+
+def test_member_version_travels_and_records_without_it_are_accepted() -> None:
+    m = member(3, version="0.2.0")
+    assert Member.from_wire(m.to_wire()) == m
+    older = {k: v for k, v in m.to_wire().items() if k != "ver"}  # gossiped by a 0.1 node
+    assert Member.from_wire(older).version == ""
+    with pytest.raises(WireError, match=r"member\.ver"):
+        Member.from_wire({**m.to_wire(), "ver": "x" * 1000})
+    with pytest.raises(WireError, match=r"member\.ver"):
+        Member.from_wire({**m.to_wire(), "ver": 2})
