@@ -112,13 +112,20 @@ class Config:
     )
     election_timeout_min_s: float = _doc("randomized election delay, lower bound", default=0.1)
     election_timeout_max_s: float = _doc("randomized election delay, upper bound", default=0.5)
+    join_window_s: float = _doc(
+        "no election until this long after the first discovery round (mDNS up, seeds tried "
+        "once): nodes started together find each other before electing, instead of each "
+        "electing itself alone; a lone node becomes coordinator after it",
+        default=3.0,
+    )
     anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=1.0)
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
     keep_present_interval_s: float = _doc(
         "how often a node checks it holds the images of keep_present plans", default=60.0
     )
     node_return_timeout_s: float = _doc(
-        "items of a dead target fail with 'node unavailable' after this long", default=300.0
+        "items of a dead or unreachable target fail with 'node unavailable' after this long",
+        default=300.0,
     )
 
     # --- wire security ---
@@ -220,6 +227,7 @@ _LOCAL_TIMINGS: dict[str, Any] = {
     "coordinator_timeout_s": 0.8,
     "election_timeout_min_s": 0.05,
     "election_timeout_max_s": 0.25,
+    "join_window_s": 1.0,
     "anti_entropy_interval_s": 0.3,
     "peer_request_timeout_s": 2.0,
     "node_return_timeout_s": 20.0,

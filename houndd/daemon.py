@@ -209,6 +209,8 @@ class Daemon:
             rotation_s=config.signing_key_rotation_s,
             grace_s=config.signing_key_grace_s,
             replay_window_s=config.replay_window_s,
+            # Messages stamped before this start are refused: no replay window after a restart.
+            started_at=time.time(),
         )
         host = advertise_host(config)
         self.store = Store(config.db_path)
@@ -338,6 +340,7 @@ class Daemon:
                 tg.create_task(self.service.keep_present_loop())
                 tg.create_task(self._engine_loop())
                 tg.create_task(self._join_seeds())
+                tg.create_task(self._join_window())
                 tg.create_task(self._until_stopped())
         except* _Stopped:
             pass
@@ -370,6 +373,10 @@ class Daemon:
         if store is not None:
             store.close()
         log.info("stopped node=%s", self.name)
+
+    async def _join_window(self) -> None:
+        await self.discovery.first_round.wait()
+        self.service.discovery_round_done()
 
     async def _join_seeds(self) -> None:
         if not self.config.seeds:

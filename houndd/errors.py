@@ -49,6 +49,16 @@ class NoCoordinatorError(HounddError, TimeoutError):
     """No coordinator is known yet (election in progress); retry later."""
 
 
+class PlanFinishedError(HounddError):
+    """The plan already ended (`state` is done, failed or cancelled): cancelling it would
+    change nothing but its reported outcome, so it is refused."""
+
+    def __init__(self, plan_id: str, state: str) -> None:
+        super().__init__(f"plan {plan_id} is already {state}; a finished plan cannot be cancelled")
+        self.plan_id = plan_id
+        self.state = state
+
+
 class ReplicationError(HounddError):
     """A plan could not be stored on enough nodes to be acknowledged."""
 

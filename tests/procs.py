@@ -247,6 +247,47 @@ class LocalCluster:
         return body["coordinator"]["name"], int(body["term"])
 
 
+def start_seeded(
+    root: Path,
+    names: Iterable[str],
+    *,
+    docker_host: str,
+    extra: Mapping[str, Any] | None = None,
+    timeout: float = 10.0,
+) -> LocalCluster:
+    """Daemons joined through the first one as seed, started, ready and all seeing each
+    other alive (everything is stopped again if that fails)."""
+    cluster = LocalCluster(root)
+    names = list(names)
+    first: Node | None = None
+    for name in names:
+        node = cluster.add(
+            name,
+            seeds=[f"127.0.0.1:{first.port}"] if first else [],
+            docker_host=docker_host,
+            extra=extra,
+        )
+        first = first or node
+    try:
+        for name in names:
+            cluster.start(name)
+        for name in names:
+            cluster.wait_ready(name)
+        cluster.wait_for(
+            lambda: all(
+                set(cluster.members(n)) == set(names)
+                and set(cluster.members(n).values()) == {"alive"}
+                for n in names
+            ),
+            timeout,
+            "full membership",
+        )
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
 def _toml(settings: Mapping[str, Any]) -> str:
     lines = []
     tables = []

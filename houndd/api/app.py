@@ -29,6 +29,7 @@ from houndd.errors import (
     HounddError,
     NoCoordinatorError,
     PlanError,
+    PlanFinishedError,
     ReplicationError,
 )
 from houndd.jsondoc import DuplicateKey, unique_pairs
@@ -284,7 +285,10 @@ async def plan_get(request: web.Request) -> web.Response:
 
 async def plan_cancel(request: web.Request) -> web.Response:
     plan_id, _ = _plan_or_404(request)
-    result = await request.app[NODE].cancel_plan(plan_id)
+    try:
+        result = await request.app[NODE].cancel_plan(plan_id)
+    except PlanFinishedError as e:
+        raise ProblemError(409, "plan finished", str(e), field="plan_id", state=e.state) from None
     return _json(result)
 
 

@@ -160,7 +160,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "delete": {
                     "security": _AUTH,
                     "parameters": [_PLAN_ID],
-                    "responses": {"200": _ok("cancelled"), **_problems(401, 404, 503)},
+                    "responses": {"200": _ok("cancelled"), **_problems(401, 404, 409, 503)},
                 },
             },
             "/v1/plans/{plan_id}/events": {

@@ -13,6 +13,10 @@ makes "one vote per node per term" and "the accepted term never decreases" survi
 
 Rules:
 
+- Join window: no node stands before `join_window_s` has passed since its first discovery
+  round (`discovery_round_done`; since its start if nobody calls it), so discovery can find the
+  other members first; without it, nodes started together each saw an electorate of one and
+  several held term 1 at once. A lone node still becomes coordinator after it.
 - Pre-vote: a follower becomes a candidate only after it has itself heard no heartbeat from the
   accepted coordinator for `coordinator_timeout_s` (or its membership view has that coordinator
   dead), and then only after a randomized delay in [election_timeout_min_s,
@@ -36,6 +40,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -104,6 +109,7 @@ class Election:
         # After a (re)start, wait a full coordinator timeout before standing: an existing
         # coordinator gets its chance to be heard first.
         self._heard_at = now
+        self._joined_at = now + config.join_window_s
         self._alive: set[str] | None = None
         self._election_at: float | None = None
         self._next_heartbeat_at = now
@@ -136,8 +142,9 @@ class Election:
         return self.accepted == self.node_id or self._alive is None or self.accepted in self._alive
 
     def _pre_vote_ok(self, now: float) -> bool:
-        """May this follower stand? Only once it has itself seen the coordinator dead."""
-        if self.coordinator_live(now):
+        """May this follower stand? Only once it has itself seen the coordinator dead, and
+        not during the join window."""
+        if now < self._joined_at or self.coordinator_live(now):
             return False
         dead_in_view = (
             self.accepted not in (None, self.node_id)
@@ -159,9 +166,19 @@ class Election:
             return self._next_heartbeat_at
         if self._election_at is not None:
             return self._election_at
-        return self._heard_at + self._cfg.coordinator_timeout_s
+        return max(self._heard_at + self._cfg.coordinator_timeout_s, self._joined_at)
 
     # --- events ----------------------------------------------------------------------------
+
+    def wait_for_discovery(self) -> None:
+        """Hold every election until `discovery_round_done`: mDNS alone takes about a second
+        to start, so a window counted from the process start could end before discovery ran."""
+        self._joined_at = math.inf
+
+    def discovery_round_done(self, now: float) -> None:
+        """Discovery has run once (mDNS up, seeds tried): the join window counts from here."""
+        if self._joined_at == math.inf:
+            self._joined_at = now + self._cfg.join_window_s
 
     def membership(self, alive: set[str], now: float) -> list[Action]:
         """The failure detector's view changed: `alive` are the other members seen alive."""

@@ -295,13 +295,10 @@ class NodeCore:
         if msg_type == "DISPATCH" and self.election.is_coordinator:
             run = self._runs.get(payload.plan_id)
             if run is not None:
-                out: list[Action] = []
-                for item in payload.items:
-                    acts = run.scheduler.on_result(
-                        node, item.image, item.attempt, False, "node unreachable", True, now
-                    )
-                    out.extend(self._sched_actions(payload.plan_id, acts, now))
-                return out
+                # The node is away, which is no pull failure: no retry is used up.
+                sent = [(item.image, item.attempt) for item in payload.items]
+                acts = run.scheduler.on_dispatch_failed(node, sent, now)
+                return self._sched_actions(payload.plan_id, acts, now)
         return []
 
     def submit(
@@ -771,11 +768,13 @@ class NodeCore:
         return self._on_dispatch(sender, p, now)
 
     def _h_dispatch_reply(self, sender: str, p: m.DispatchReply, now: float) -> list[Action]:
-        if p.accepted or p.node != sender or not self.election.is_coordinator:
+        if p.node != sender or not self.election.is_coordinator:
             return []
         run = self._runs.get(p.plan_id)
         if run is None:
             return []
+        if p.accepted:
+            return self._sched_actions(p.plan_id, run.scheduler.on_reachable(sender, now), now)
         if p.reason == "unknown plan":
             self._has_plan.get(p.plan_id, set()).discard(sender)
         # A refused dispatch is a transient failure of every item in flight there: retried

@@ -8,10 +8,15 @@ coordinator acknowledged wins over a tombstone (G1). Results merge
 with `houndd.coordinator.results.merge`, so copies from both sides of a partition join without
 conflict.
 
-Anti-entropy: `digest()` hashes everything known about each plan; a peer answers with
-`missing_for(digest)` (every plan whose hash differs, with all its records, bounded per round)
-and the receiver `apply`s it. Each `apply`/`put_*` returns the records that changed, which the
-node persists and, on the coordinator, feeds to the scheduler.
+Anti-entropy: `digest()` hashes everything known about each plan (prefixed with `c` or `t`:
+does this node hold the plan committed or tentative); a peer answers with `missing_for(digest)`
+and the receiver `apply`s it. For every plan whose hash differs the answer carries the plan
+record only when the other side lacks it (or holds it tentative only), the cancel record, and
+the plan's results, bounded per answer (MAX_SYNC_RESULTS, a random window of a bigger plan's
+results, the rest in later rounds), so one answer stays far below `max_http_body_bytes` and a
+2,000-item plan does not resend its whole record and every result each round. Each
+`apply`/`put_*` returns the records that changed, which the node persists and, on the
+coordinator, feeds to the scheduler.
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ from houndd.coordinator.results import ItemResult, merge
 
 log = logging.getLogger("houndd.coordinator")
 
-#: Bounds on what one anti-entropy answer carries; the rest follows in later rounds.
+#: Bounds on what one anti-entropy answer carries; the rest follows in later rounds. With
+#: about 250 bytes per result and 200 per plan item on the wire, an answer stays near 1 MB at
+#: worst (one plan record of MAX_SYNC_PLAN_ITEMS items plus MAX_SYNC_RESULTS results), inside
+#: the default 1 MiB HTTP body cap; a record bigger than that budget still goes alone.
 MAX_SYNC_PLANS = 32
-MAX_SYNC_RESULTS = 4096
+MAX_SYNC_PLAN_ITEMS = 2500
+MAX_SYNC_RESULTS = 512
 #: Caps memory a burst of submissions or tombstones can force on every node.
 MAX_PLANS = 10_000
 MAX_ABORTED = 10_000
@@ -203,6 +212,7 @@ class ReplicaState:
         cancels: list[CancelRecord] = []
         aborted: list[str] = []
         results: list[ResultRecord] = []
+        plan_items = 0
         for pid in differing[:MAX_SYNC_PLANS]:
             if pid in self._aborted:
                 aborted.append(pid)
@@ -212,13 +222,23 @@ class ReplicaState:
             st = self._plans.get(pid)
             if st is None:
                 continue
-            if len(results) + len(st.results) > MAX_SYNC_RESULTS and (plans or results):
-                break
-            plans.append(st.record)
-            results.extend(
-                ResultRecord(pid, node, image, res)
-                for (node, image), res in sorted(st.results.items())
-            )
+            theirs = remote.get(pid)
+            if theirs is None or (st.record.committed and not theirs.startswith("c")):
+                # They lack the record (or its commit): it goes first, so results find it.
+                if plan_items + len(st.record.items) > MAX_SYNC_PLAN_ITEMS and plan_items:
+                    continue
+                plans.append(st.record)
+                plan_items += len(st.record.items)
+            room = MAX_SYNC_RESULTS - len(results)
+            if room <= 0:
+                continue
+            mine = sorted(st.results.items())
+            if len(mine) > room:
+                # We cannot tell which results they lack: a random window each round
+                # reaches every result within a few rounds.
+                start = rng.randrange(len(mine)) if rng is not None else 0
+                mine = (mine[start:] + mine[:start])[:room]
+            results.extend(ResultRecord(pid, node, image, res) for (node, image), res in mine)
         return SyncBatch(tuple(plans), tuple(cancels), tuple(aborted), tuple(results))
 
     # --- updates ---------------------------------------------------------------------------
@@ -341,10 +361,12 @@ class ReplicaState:
             st.digest = None
 
     def _hash(self, pid: str, st: _PlanState) -> str:
+        """`c` or `t` (committed or tentative here: tells a peer whether to send the record),
+        then a hash over the plan, its commit, cancel and results."""
         h = hashlib.sha256()
         h.update(f"{pid}|{st.content}|{st.record.committed}|".encode())
         cancel = self._cancels.get(pid)
         h.update(repr(None if cancel is None else cancel.cancelled_at).encode())
         for key in sorted(st.results):
             h.update(repr((key, st.results[key].sort_key())).encode())
-        return h.hexdigest()
+        return ("c" if st.record.committed else "t") + h.hexdigest()

@@ -13,8 +13,11 @@ It improves on the paper's Algorithm 1 thread loop (DESIGN section 7):
   and full jitter; permanent failures are final at once;
 - an item without a result after its timeout (+ slack) counts as a transient `timeout` failure
   and is aborted on the node;
-- a node that is down keeps its items queued; after `node_down_timeout_s` they fail with
-  `node unavailable`.
+- a node that is down (membership says dead) or unreachable (a dispatch to it could not be
+  delivered) keeps its items queued without charging them a failure: a lost node is not a pull
+  failure. An unreachable node gets a cheap re-dispatch with backoff (`redispatch_base_s`
+  doubling up to `redispatch_cap_s`), a dead one waits for `on_node_up`; either way, once it
+  has been away `node_down_timeout_s` its queued items fail with `node unavailable`.
 
 Like h11, this module does no IO and knows no clock: the async shell feeds it events with the
 current time and carries out the returned actions. Randomness (jitter) comes from the injected
@@ -24,7 +27,8 @@ Attempts: every dispatch of an item gets a new attempt number (1, 2, ...). A res
 only for the attempt currently in flight; anything else is stale (a late answer to an attempt
 that already timed out, was re-queued when its node went down, or was cancelled) and ignored.
 `failures` counts the transient failures charged against `policy.retries`; a re-dispatch that is
-not the item's fault (node down, coordinator takeover) bumps the attempt but not the failures.
+not the item's fault (node down or unreachable, coordinator takeover) bumps the attempt but not
+the failures.
 """
 
 from __future__ import annotations
@@ -187,7 +191,17 @@ class _Item:
 
 
 class _Node:
-    __slots__ = ("down_since", "inflight", "name", "order", "queue", "queued_bytes")
+    __slots__ = (
+        "away_since",
+        "dead",
+        "inflight",
+        "misses",
+        "name",
+        "order",
+        "queue",
+        "queued_bytes",
+        "retry_at",
+    )
 
     def __init__(self, name: str, order: int) -> None:
         self.name = name
@@ -197,7 +211,12 @@ class _Node:
         self.queue: list[_Item] = []
         self.queued_bytes = 0
         self.inflight: dict[str, _Item] = {}
-        self.down_since: float | None = None
+        self.dead = False  # membership says dead: nothing is dispatched until it is up again
+        # When the node was lost (dead or unreachable) and not heard from since: the
+        # node_down_timeout_s countdown starts here.
+        self.away_since: float | None = None
+        self.misses = 0  # consecutive dispatches that could not be delivered
+        self.retry_at = -math.inf  # unreachable: the next re-dispatch may not start before
 
     def enqueue(self, item: _Item) -> None:
         bisect.insort(self.queue, item, key=_Item.sort_key)
@@ -226,15 +245,16 @@ class _Node:
 _DEADLINE = 0
 _RETRY = 1
 _NODE_DOWN = 2
+_NODE_RETRY = 3
 
 
 class Scheduler:
     """Pure scheduler for one plan. Feed it events; carry out the actions it returns.
 
     `items` are `(node, image, digest, size_bytes)` tuples (`WorkItem`). Call `start(now)` once;
-    then `on_started`, `on_result`, `on_tick`, `on_node_down`, `on_node_up` and `cancel` as things
-    happen, and call `on_tick` again at `next_wakeup()`. Every method returns the actions to
-    carry out, in order.
+    then `on_started`, `on_result`, `on_tick`, `on_node_down`, `on_node_up`,
+    `on_dispatch_failed`, `on_reachable` and `cancel` as things happen, and call `on_tick` again
+    at `next_wakeup()`. Every method returns the actions to carry out, in order.
 
     The backoff before retry n (n = 1, 2, ...) is uniform in
     `[0, min(backoff_cap_s, backoff_base_s * backoff_factor ** (n - 1))]` ("full jitter": many
@@ -257,11 +277,16 @@ class Scheduler:
         backoff_cap_s: float = 60.0,
         timeout_slack_s: float = 10.0,
         node_down_timeout_s: float = 300.0,
+        redispatch_base_s: float = 0.5,
+        redispatch_cap_s: float = 10.0,
     ) -> None:
         if backoff_base_s < 0 or backoff_cap_s < 0 or backoff_factor < 1:
             raise ValueError("backoff needs base >= 0, cap >= 0 and factor >= 1")
         if timeout_slack_s < 0 or node_down_timeout_s < 0:
             raise ValueError("timeout_slack_s and node_down_timeout_s must be >= 0")
+        if not 0 < redispatch_base_s <= redispatch_cap_s:
+            # > 0: a refused connection fails at once; a zero delay would re-dispatch in a loop.
+            raise ValueError("redispatch needs 0 < base <= cap")
         self.policy = policy
         self._rng = rng
         self._backoff_base_s = backoff_base_s
@@ -269,6 +294,8 @@ class Scheduler:
         self._backoff_cap_s = backoff_cap_s
         self._timeout_slack_s = timeout_slack_s
         self._node_down_timeout_s = node_down_timeout_s
+        self._redispatch_base_s = redispatch_base_s
+        self._redispatch_cap_s = redispatch_cap_s
         self._nodes: dict[str, _Node] = {}
         self._items: dict[tuple[str, str], _Item] = {}
         self._busy: dict[str, _Node] = {}  # nodes with work in flight, insertion ordered
@@ -312,6 +339,8 @@ class Scheduler:
         backoff_cap_s: float = 60.0,
         timeout_slack_s: float = 10.0,
         node_down_timeout_s: float = 300.0,
+        redispatch_base_s: float = 0.5,
+        redispatch_cap_s: float = 10.0,
     ) -> Scheduler:
         """Rebuild a scheduler from known per-item states (a new coordinator on takeover).
 
@@ -329,6 +358,8 @@ class Scheduler:
             backoff_cap_s=backoff_cap_s,
             timeout_slack_s=timeout_slack_s,
             node_down_timeout_s=node_down_timeout_s,
+            redispatch_base_s=redispatch_base_s,
+            redispatch_cap_s=redispatch_cap_s,
         )
         for raw in items:
             known = RestoredItem(*raw)
@@ -402,7 +433,8 @@ class Scheduler:
             return None
         while self._timers:
             at, _, kind, ref = self._timers[0]
-            if self._timer_valid(at, kind, ref) and not (kind == _RETRY and at <= self._now):
+            due_but_blocked = kind in (_RETRY, _NODE_RETRY) and at <= self._now
+            if self._timer_valid(at, kind, ref) and not due_but_blocked:
                 return at
             heapq.heappop(self._timers)
         return None
@@ -438,6 +470,7 @@ class Scheduler:
         item = self._items.get((node, image))
         if item is None or item.state != "pulling" or item.attempt != attempt:
             return []
+        self._heard_from(self._nodes[node])
         deadline = now + self.policy.timeout_s + self._timeout_slack_s
         if item.deadline is None or deadline > item.deadline:
             item.deadline = deadline
@@ -466,6 +499,7 @@ class Scheduler:
                 None if item is None else item.attempt,
             )
             return []
+        self._heard_from(self._nodes[node])
         self._leave_flight(item)
         actions: list[Action] = []
         if ok:
@@ -493,6 +527,9 @@ class Scheduler:
                 overdue.setdefault(item.node, []).append(item)
             elif kind == _NODE_DOWN:
                 expired.append(cast(_Node, ref))
+            elif kind == _NODE_RETRY:
+                node = cast(_Node, ref)
+                touched[node.name] = node
             else:
                 node = self._nodes[cast(_Item, ref).node]
                 touched[node.name] = node
@@ -511,40 +548,79 @@ class Scheduler:
             )
             self._fail(item, TIMEOUT, True, now, actions)
         for node in expired:
-            log.warning("node unavailable, failing its items node=%s", node.name)
-            for item in node.clear():
-                self._finish(item, "failed", NODE_UNAVAILABLE, actions)
-            self._refresh(node)
+            if node.inflight:
+                continue  # a re-dispatch is out: its reply or failure decides (on_dispatch_failed)
+            self._give_up(node, actions)
         actions.extend(self._fill(now, touched.values()))
         return actions
 
     def on_node_down(self, node: str, now: float) -> list[Action]:
         """Membership says `node` is dead. Its in-flight items go back to its queue (the
         failure is not theirs) and it stops holding a parallelism slot, so another node can
-        start. May be called before `start`."""
+        start. Nothing goes to it until `on_node_up`. May be called before `start`."""
         self._now = max(self._now, now)
         n = self._nodes.get(node)
-        if n is None or n.down_since is not None or self._cancelled:
+        if n is None or n.dead or self._cancelled:
             return []
-        n.down_since = now
-        for item in list(n.inflight.values()):
-            self._leave_flight(item)
-            item.state = "pending"
-            item.not_before = -math.inf
-            n.enqueue(item)
-        self._refresh(n)
-        self._push_timer(now + self._node_down_timeout_s, _NODE_DOWN, n)
-        return self._fill(now, ())
+        n.dead = True
+        actions: list[Action] = []
+        self._lose(n, now, actions)
+        actions.extend(self._fill(now, ()))
+        return actions
 
     def on_node_up(self, node: str, now: float) -> list[Action]:
-        """`node` is alive again: its queue becomes eligible again."""
+        """Membership says `node` is alive again: its queue is dispatched at once."""
         self._now = max(self._now, now)
         n = self._nodes.get(node)
-        if n is None or n.down_since is None or self._cancelled:
+        if n is None or self._cancelled or (not n.dead and n.away_since is None):
             return []
-        n.down_since = None
-        self._refresh(n)
+        n.dead = False
+        self._heard_from(n)
         return self._fill(now, ())
+
+    def on_dispatch_failed(
+        self, node: str, dispatched: Iterable[tuple[str, int]], now: float
+    ) -> list[Action]:
+        """A dispatch of `(image, attempt)` pairs could not be delivered to `node` (refused,
+        reset, timed out). That is the node's absence, not a pull failure: everything in flight
+        there goes back to its queue without using up `retries`, and the node gets a cheap
+        re-dispatch after a backoff (or at once on `on_node_up`). Once it has been away
+        `node_down_timeout_s`, its queued items fail with `node unavailable`. A failure of a
+        dispatch whose items moved on since (stale) changes nothing."""
+        self._now = max(self._now, now)
+        n = self._nodes.get(node)
+        if n is None or self._cancelled:
+            return []
+        if not any(
+            (i := n.inflight.get(image)) is not None and i.attempt == attempt
+            for image, attempt in dispatched
+        ):
+            return []
+        n.misses += 1
+        actions: list[Action] = []
+        self._lose(n, now, actions)
+        if n.queue:
+            n.retry_at = now + self.redispatch_delay(n.misses)
+            self._push_timer(n.retry_at, _NODE_RETRY, n)
+            # Once per absence at INFO: a node away for minutes misses a dispatch every few s.
+            log.log(
+                logging.INFO if n.misses == 1 else logging.DEBUG,
+                "node unreachable, re-dispatch later node=%s misses=%d at=%.3f",
+                node,
+                n.misses,
+                n.retry_at,
+            )
+        actions.extend(self._fill(now, ()))
+        return actions
+
+    def on_reachable(self, node: str, now: float) -> list[Action]:
+        """`node` answered (it accepted a dispatch): it is no longer away."""
+        self._now = max(self._now, now)
+        n = self._nodes.get(node)
+        if n is None or n.dead or self._cancelled:
+            return []
+        self._heard_from(n)
+        return []
 
     def cancel(self, now: float) -> list[Action]:
         """Cancel the plan: abort everything in flight, every open item ends `cancelled`."""
@@ -566,6 +642,13 @@ class Scheduler:
             self._refresh(node)
         self._timers.clear()
         return actions + finals
+
+    def redispatch_delay(self, misses: int) -> float:
+        """The delay before re-dispatching to a node after `misses` undelivered dispatches in
+        a row: `redispatch_base_s` doubling up to `redispatch_cap_s`, jittered to [1/2, 1] of
+        that (never zero: a refused connection fails at once). Draws from the rng."""
+        ceiling = self._redispatch_base_s * 2.0 ** min(misses - 1, 32)
+        return min(self._redispatch_cap_s, ceiling) * self._rng.uniform(0.5, 1.0)
 
     def backoff_delay(self, retry: int) -> float:
         """The jittered delay before retry number `retry` (1-based); draws from the rng."""
@@ -590,18 +673,50 @@ class Scheduler:
             item = cast(_Item, ref)
             return item.state == "pending" and item.not_before == at
         node = cast(_Node, ref)
+        if kind == _NODE_RETRY:
+            return not node.dead and node.retry_at == at and bool(node.queue)
         return (
-            node.down_since is not None
-            and node.down_since + self._node_down_timeout_s == at
+            node.away_since is not None
+            and node.away_since + self._node_down_timeout_s == at
             and bool(node.queue)
         )
 
     def _refresh(self, node: _Node) -> None:
-        """Keep `_idle` exact: the nodes a free parallelism slot may go to."""
-        if node.queue and not node.inflight and node.down_since is None:
+        """Keep `_idle` exact: the nodes a free parallelism slot may go to (an unreachable
+        node's `retry_at` is checked when a slot is handed out)."""
+        if node.queue and not node.inflight and not node.dead:
             self._idle[node.name] = node
         else:
             self._idle.pop(node.name, None)
+
+    def _lose(self, node: _Node, now: float, out: list[Action]) -> None:
+        """The node went away: its in-flight items go back to its queue, uncharged, and the
+        node_down_timeout_s countdown starts. If it ran out already (its timer fired while a
+        re-dispatch was out), the queue fails now: no timer is left to do it later."""
+        for item in list(node.inflight.values()):
+            self._leave_flight(item)
+            item.state = "pending"
+            item.not_before = -math.inf
+            node.enqueue(item)
+        if node.away_since is None:
+            node.away_since = now
+            self._push_timer(now + self._node_down_timeout_s, _NODE_DOWN, node)
+        elif now >= node.away_since + self._node_down_timeout_s:
+            self._give_up(node, out)
+        self._refresh(node)
+
+    def _heard_from(self, node: _Node) -> None:
+        """The node is reachable: it is no longer away."""
+        node.away_since = None
+        node.misses = 0
+        node.retry_at = -math.inf
+        self._refresh(node)
+
+    def _give_up(self, node: _Node, out: list[Action]) -> None:
+        log.warning("node unavailable, failing its items node=%s", node.name)
+        for item in node.clear():
+            self._finish(item, "failed", NODE_UNAVAILABLE, out)
+        self._refresh(node)
 
     def _leave_flight(self, item: _Item) -> None:
         node = self._nodes[item.node]
@@ -654,7 +769,7 @@ class Scheduler:
         candidates = list(touched) if touched else list(self._busy.values())
         # Busy nodes first: topping them up costs no new parallelism slot.
         for node in candidates:
-            if node.name not in self._busy or node.down_since is not None:
+            if node.name not in self._busy or node.dead:
                 continue
             free = cap - len(node.inflight)
             if free > 0:
@@ -668,6 +783,8 @@ class Scheduler:
             heapq.heapify(ranked)
             while ranked and slots > 0:
                 node = heapq.heappop(ranked)[2]
+                if node.retry_at > now:
+                    continue  # unreachable: its re-dispatch timer brings it back
                 taken = node.take(now, cap)
                 if taken:
                     batches[node.name] = taken

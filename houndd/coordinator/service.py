@@ -61,6 +61,7 @@ from houndd.errors import (
     HounddError,
     NoCoordinatorError,
     PlanError,
+    PlanFinishedError,
     PullError,
     ReplicationError,
     WireError,
@@ -90,6 +91,8 @@ KEEP_PRESENT_MARK = "/keep-present/"
 """Derived plans of a keep_present plan are named `<plan name>/keep-present/<node>`."""
 RESOLVE_CONCURRENCY = 8
 """Registry manifest requests in flight for one submission."""
+FINISHED = ("done", "failed", "cancelled")
+"""Plan states after which nothing changes any more."""
 # Core message types the shell handles itself instead of the core.
 _SHELL_TYPES = frozenset({"PLAN_FORWARD", "PLAN_REPLY"})
 
@@ -187,6 +190,7 @@ class CoordinatorService:
             policy_for=lambda doc: PlanSpec.from_document(doc["spec"]).policy,
             scheduler_options={"node_down_timeout_s": self.config.node_return_timeout_s},
         )
+        self._core.election.wait_for_discovery()  # until the daemon's discovery_round_done
         for name in m.PAYLOADS:
             if name in _SHELL_TYPES:
                 continue
@@ -214,6 +218,11 @@ class CoordinatorService:
                     await self._apply(core.tick(self._clock()))
             finally:
                 self._tg = None
+
+    def discovery_round_done(self) -> None:
+        """Discovery ran once: the election's join window starts now."""
+        self.core.election.discovery_round_done(self._clock())
+        self._wake.set()
 
     def _forget_finished(self) -> None:
         """Drop the executor's memory of plans that are final here: its job table would
@@ -515,7 +524,9 @@ class CoordinatorService:
             summary["total"] += 1
             summary[str(r["state"])] += 1
         all_final = all(r["final"] for r in rows)
-        if cancelled and all_final:
+        if cancelled and all_final and summary["cancelled"]:
+            # A cancel that stopped nothing (it raced the last result, or came from a node
+            # that had not seen the end yet) does not rewrite how the plan ended.
             state = "cancelled"
         elif not rec.committed and not all_final:
             state = "pending"
@@ -788,6 +799,11 @@ class CoordinatorService:
             busy.add(name)
 
     async def cancel(self, plan_id: str) -> dict[str, Any] | None:
+        """Cancel a running plan. A finished one raises `PlanFinishedError` and nothing is
+        stored: its outcome stays what it was."""
+        before = self.plan(plan_id)
+        if before is not None and before["state"] in FINISHED:
+            raise PlanFinishedError(plan_id, str(before["state"]))
         actions = self.core.cancel(plan_id, self._clock())
         await self._apply(actions)
         self.executor.abort(plan_id)

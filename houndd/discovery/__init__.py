@@ -49,6 +49,9 @@ class Discovery:
         self._rng = rng or random.Random()
         self._mdns: MdnsDiscovery | None = None
         self._closed = False
+        self.first_round = asyncio.Event()
+        """Set once mDNS is up (registered and browsing, or given up) and the seeds were
+        offered once: the election waits for this before its join window starts."""
 
     @property
     def mdns(self) -> MdnsDiscovery | None:
@@ -97,6 +100,7 @@ class Discovery:
                 candidates.extend(self._mdns.found.values())
             for address in candidates:
                 self._on_candidate(address)
+            self.first_round.set()
             # Jitter: identical hosts booted together must not retry in lockstep.
             await asyncio.sleep(self._config.join_retry_s * self._rng.uniform(0.8, 1.2))
 

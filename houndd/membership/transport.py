@@ -112,6 +112,31 @@ class RateLimiter:
         return allowed
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, peer: Address) -> bytes:
+    """The whole reply body, refused beyond `cap` bytes.
+
+    `StreamReader.read(n)` returns whatever has arrived so far (one chunk, about 128 KB on
+    loopback), not n bytes: a big SYNC_ITEMS reply read that way is cut short and fails to
+    decrypt. Read chunks until the end of the body instead; the cap bounds the memory a
+    peer can make us hold, checked on the declared length first and on what arrives.
+    """
+    if resp.content_length is not None and resp.content_length > cap:
+        raise PeerError(
+            f"peer {peer[0]}:{peer[1]} sent a reply of {resp.content_length} bytes, "
+            f"over max_http_body_bytes ({cap})"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise PeerError(
+                f"peer {peer[0]}:{peer[1]} sent a reply over max_http_body_bytes ({cap})"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, owner: UdpHttpTransport) -> None:
         self._owner = owner
@@ -236,12 +261,9 @@ class UdpHttpTransport:
             async with self._session.post(
                 url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as resp:
-                body = await resp.content.read(self._config.max_http_body_bytes + 1)
                 if resp.status != 200:
                     raise PeerError(f"peer {to[0]}:{to[1]} answered HTTP {resp.status}")
-                if len(body) > self._config.max_http_body_bytes:
-                    raise PeerError(f"peer {to[0]}:{to[1]} sent an oversize reply")
-                return body
+                return await _read_capped(resp, self._config.max_http_body_bytes, to)
         except TimeoutError:
             raise PeerTimeout(f"peer {to[0]}:{to[1]} did not answer in {timeout_s}s") from None
         except (aiohttp.ClientError, OSError) as e:

@@ -132,6 +132,7 @@ def sim_config() -> Config:
         coordinator_timeout_s=0.4,
         election_timeout_min_s=0.05,
         election_timeout_max_s=0.2,
+        join_window_s=0.4,
         anti_entropy_interval_s=0.3,
         peer_request_timeout_s=2.0,
     )

@@ -71,7 +71,10 @@ class Wire:
         grace_s: float = 60.0,
         replay_window_s: float = 30.0,
         max_senders: int = 4096,
+        started_at: float | None = None,
     ) -> None:
+        """`started_at` (wall clock): messages stamped earlier are refused, so a restart
+        opens no replay window (see `houndd.wire.replay`); the daemon passes its start."""
         self.cluster_id = cluster_id
         self.keyring = keyring
         self.identity = identity
@@ -84,7 +87,9 @@ class Wire:
         # A peer's clock may be off by up to the replay window, so certificate times get the
         # same tolerance.
         self.peers = PeerKeys(grace_s=grace_s, skew_s=replay_window_s, max_nodes=max_senders * 16)
-        self._replay = ReplayGuard(window_s=replay_window_s, max_senders=max_senders)
+        self._replay = ReplayGuard(
+            window_s=replay_window_s, max_senders=max_senders, started_at=started_at
+        )
         self._seq = 0
 
     def seal(self, msg_type: MsgType, payload: Mapping[str, Any], now: float) -> bytes:

@@ -100,3 +100,41 @@ def test_housekeeping_forgets_finished_plans_without_pulling_again(
         (item,) = node.call(lambda: list(core.replica.results(plan_id).values()))
         assert item.state.value == "done"
         assert engine.pull_counts and sum(engine.pull_counts.values()) == 1
+
+
+def test_cancel_of_a_finished_plan_is_refused_and_changes_nothing(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Issue #9 item 11: cancelling a finished plan marked it `cancelled`. Now: 409 naming
+    the plan's state, no cancel record stored, the outcome unchanged."""
+    push_image(registry.url, "finished", "1", 20_000, seed=502)
+    image = f"{registry.address}/finished:1"
+    missing = f"{registry.address}/never-pushed:1"
+    engine = FakeEngine(any_image_size=1 << 20, pull_duration_s=0.05)
+    with running_daemon(tmp_path / "fin", engine=engine) as node:
+        node.wait_coordinator()
+        core = node.daemon.service.core
+        done = node.submit({"name": "ok", "targets": [{"images": [image], "all": True}]})["id"]
+        failed = node.submit({"name": "ko", "targets": [{"images": [missing], "all": True}]})["id"]
+        engine.pull_duration_s = 30.0
+        slow = {
+            "name": "slow",
+            "targets": [{"images": [image], "all": True}],
+            "policy": {"pull_policy": "Always"},  # the image is present since `done`
+        }
+        cancelled = node.submit(slow)["id"]
+        node.wait_for(lambda: engine.active == 1 or None, 10, "the slow pull in flight")
+        assert node.request("DELETE", f"/v1/plans/{cancelled}").status_code == 200
+        finals = {p: node.wait_plan(p)["state"] for p in (done, failed, cancelled)}
+        assert finals == {done: "done", failed: "failed", cancelled: "cancelled"}
+        for plan_id, state in finals.items():
+            had_cancel = node.call(lambda p=plan_id: core.replica.cancelled(p))  # type: ignore[misc]
+            resp = node.request("DELETE", f"/v1/plans/{plan_id}")
+            problem = assert_problem(resp, 409, field="plan_id")
+            assert problem["state"] == state
+            assert state in problem["detail"]
+            assert node.get_json(f"/v1/plans/{plan_id}")["state"] == state
+            # nothing stored: the cancel record is what it was (none for done and failed)
+            assert node.call(lambda p=plan_id: core.replica.cancelled(p)) == had_cancel  # type: ignore[misc]
+        assert node.call(lambda: core.replica.cancelled(done)) is None
+        assert node.call(lambda: core.replica.cancelled(failed)) is None

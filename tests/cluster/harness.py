@@ -75,6 +75,7 @@ _HOUNDD_READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0
 _TOOLS = ("ip", "tc", "iptables", "nsenter")
 _LOSS_COMMENT = "hd-loss"
+_CUT_COMMENT = "hd-cut"
 
 
 class ClusterError(RuntimeError):
@@ -674,6 +675,26 @@ class Cluster:
     def link_up(self, host: str | Host) -> None:
         """Reconnect the host to the bridge."""
         _run(["ip", "link", "set", self.host(host).link, "up"])
+
+    def cut(self, host: str | Host) -> None:
+        """Drop every packet the host sends or receives on eth0 (iptables DROP inside its
+        namespace). Unlike `link_down` the link keeps its carrier, as when a switch port or a
+        firewall goes wrong: TCP connections hang instead of failing at once. `reconnect`
+        undoes it; cutting twice does not stack."""
+        ns = _nsenter(self.host(host).netns)
+        self.reconnect(host)
+        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            _run([
+                *ns, "iptables", "-I", chain, flag, "eth0",
+                "-m", "comment", "--comment", _CUT_COMMENT, "-j", "DROP",
+            ])  # fmt: skip
+
+    def reconnect(self, host: str | Host) -> None:
+        """Remove the rules of `cut` (a no-op when the host is not cut)."""
+        ns = _nsenter(self.host(host).netns)
+        for chain in ("INPUT", "OUTPUT"):
+            for rule in _rules_with_comment(ns, chain, _CUT_COMMENT):
+                _run(rule)
 
     def set_loss(self, host_or_all: str | Host, p: float) -> None:
         """Drop a random fraction p of the host's packets in each direction (0 removes loss).

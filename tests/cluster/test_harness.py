@@ -128,6 +128,20 @@ def test_link_down_cuts_the_host_off_and_link_up_restores_it(cluster: Cluster) -
     cluster.docker("n3", "pull", ref)
 
 
+def test_cut_drops_everything_until_reconnect(cluster: Cluster) -> None:
+    registry_host = cluster.registry_address.split(":")[0]
+    cluster.cut("n3")
+    try:
+        cluster.cut("n3")  # does not stack: one reconnect undoes it
+        assert not cluster.reachable("n3", registry_host, REGISTRY_PORT, timeout_s=1.0)
+        assert cluster.reachable("n2", registry_host, REGISTRY_PORT)  # only n3 is cut off
+    finally:
+        cluster.reconnect("n3")
+    assert cluster.reachable("n3", registry_host, REGISTRY_PORT)
+    rules = cluster.run_in("n3", ["iptables", "-S"], check=True).stdout
+    assert "hd-cut" not in rules
+
+
 def test_set_loss_installs_and_removes_drop_rules(cluster: Cluster) -> None:
     def loss_rules(host: str) -> list[str]:
         out = cluster.run_in(host, ["iptables", "-S"], check=True).stdout

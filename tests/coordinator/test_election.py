@@ -25,6 +25,7 @@ CFG = local(
     election_timeout_min_s=0.05,
     election_timeout_max_s=0.2,
     heartbeat_interval_s=0.05,
+    join_window_s=0.1,  # shorter than the boot wait: the tables below never see it
 )
 
 
@@ -74,6 +75,59 @@ def test_boot_waits_a_coordinator_timeout_first() -> None:
     e = make(now=0.0)
     assert e.tick(CFG.coordinator_timeout_s - 0.01) == []
     assert e.role is Role.FOLLOWER
+
+
+JOIN = CFG.replace(join_window_s=2.0)
+
+
+def test_no_election_during_the_join_window_then_a_lone_node_coordinates() -> None:
+    """Issue #9 item 9: nodes started together each elected themselves alone (electorate 1)
+    before discovery had run, so two held term 1 at once."""
+    e = Election("b", JOIN, random.Random(7), 0.0, ElectionRecord())
+    e.membership(set(), 0.0)  # discovery has found nobody yet
+    t = 0.0
+    while t < JOIN.join_window_s:
+        assert e.tick(t) == []
+        assert e.role is Role.FOLLOWER
+        assert e.next_wakeup() == JOIN.join_window_s
+        t += 0.01
+    t = run_until_candidate(e, t)
+    assert e.role is Role.COORDINATOR and e.term == 1  # alone after the window: it coordinates
+    assert t <= JOIN.join_window_s + JOIN.election_timeout_max_s + 0.02
+
+
+def test_members_found_during_the_join_window_form_one_electorate() -> None:
+    e = Election("b", JOIN, random.Random(7), 0.0, ElectionRecord())
+    e.membership(set(), 0.0)
+    e.tick(1.0)
+    e.membership({"a", "c"}, 1.5)  # discovery found them inside the window
+    run_until_candidate(e, 1.5)
+    assert e.role is Role.CANDIDATE  # a majority of three is needed, not a vote of one
+    assert e.electorate() == {"a", "b", "c"}
+
+
+def test_a_coordinator_heard_during_the_join_window_is_followed() -> None:
+    e = Election("b", JOIN, random.Random(7), 0.0, ElectionRecord())
+    e.membership({"a"}, 0.0)
+    e.on_heartbeat("a", Heartbeat(1, "a"), 0.5)
+    assert e.coordinator(0.6) == "a"
+    assert e.on_vote_request("c", VoteRequest(1, "c"), 0.7)[-1] == Reply(
+        "VOTE_REPLY", VoteReply(1, "b", False)
+    )  # term 1 has its coordinator
+
+
+def test_the_join_window_waits_for_the_first_discovery_round() -> None:
+    e = Election("b", JOIN, random.Random(7), 0.0, ElectionRecord())
+    e.wait_for_discovery()  # the daemon's discovery has not run yet (mDNS takes ~1 s to start)
+    e.membership(set(), 0.0)
+    assert run_until_candidate(e, 0.0, limit=10.0) >= 10.0  # nothing without discovery
+    assert e.role is Role.FOLLOWER
+    e.discovery_round_done(10.0)
+    e.discovery_round_done(11.0)  # only the first round counts
+    assert e.next_wakeup() == 10.0 + JOIN.join_window_s
+    assert e.tick(10.0 + JOIN.join_window_s - 0.01) == []
+    run_until_candidate(e, 10.0 + JOIN.join_window_s, limit=20.0)
+    assert e.role is Role.COORDINATOR
 
 
 def test_candidacy_persists_before_requesting_votes() -> None:

@@ -12,6 +12,7 @@ from houndd.coordinator.messages import (
     Action,
     Dispatch,
     DispatchItemWire,
+    DispatchReply,
     Execute,
     Heartbeat,
     Persist,
@@ -19,6 +20,8 @@ from houndd.coordinator.messages import (
     PlanAck,
     Reply,
     Request,
+    ResultEntry,
+    Results,
     Send,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
@@ -163,3 +166,60 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
     }
     wanted |= {("b", i.image) for e in of(acts, Execute) for i in e.items}
     assert wanted == {("a", "y:1"), ("b", "y:1")}  # done and finally failed items are left alone
+
+
+def _committed_plan(core: NodeCore) -> list[Action]:
+    acts = core.submit("p", DOC, ITEMS, 1.0, "client")
+    (put,) = [r for r in of(acts, Request) if r.msg_type == "PLAN_PUT"]
+    return core.response(put.token, "b", "PLAN_ACK", PlanAck("p", "b", True), 1.01)
+
+
+def _dispatches_to(acts: list[Action], node: str) -> list[Request]:
+    return [r for r in of(acts, Request) if r.msg_type == "DISPATCH" and r.node_id == node]
+
+
+def test_undelivered_dispatches_wait_for_the_node_without_using_retries() -> None:
+    """A target that restarts mid-plan: its dispatches fail (connection refused) for a while.
+    That must never end its items 'retries exhausted: node unreachable'."""
+    core = coordinator()
+    (dispatch,) = _dispatches_to(_committed_plan(core), "b")
+    now = 1.1
+    for _ in range(8):  # far more than the plan's retries (3)
+        acts = core.request_failed(dispatch.token, now)
+        assert not _dispatches_to(acts, "b")  # no hot loop: the re-dispatch waits a little
+        assert core.replica.result("p", "b", "x:1").state is not ItemState.FAILED
+        resent: list[Request] = []
+        while not resent:
+            now = core.next_wakeup()
+            resent = _dispatches_to(core.tick(now), "b")
+        (dispatch,) = resent
+    assert dispatch.payload.items[0].attempt == 9  # every dispatch is a new attempt ...
+    view = core._runs["p"].scheduler.item("b", "x:1")
+    assert view.failures == 0  # ... and none was charged to the item
+    # The node is back: it accepts the dispatch and reports the pull done.
+    acts = core.response(
+        dispatch.token, "b", "DISPATCH_REPLY", DispatchReply("p", "b", True, ""), now
+    )
+    done = ItemResult(ItemState.DONE, 9, "sha256:1", 10, 10)
+    acts = core.receive(
+        "b", "RESULTS", Results((ResultEntry("p", "b", "x:1", done.to_dict()),)), now
+    )
+    assert core.replica.result("p", "b", "x:1").state is ItemState.DONE
+
+
+def test_a_target_away_past_node_return_timeout_fails_node_unavailable() -> None:
+    core = coordinator()
+    (dispatch,) = _dispatches_to(_committed_plan(core), "b")
+    first_failure = now = 1.1
+    while core.replica.result("p", "b", "x:1").state is not ItemState.FAILED:
+        core.request_failed(dispatch.token, now)
+        resent: list[Request] = []
+        while not resent and core.replica.result("p", "b", "x:1").state is not ItemState.FAILED:
+            now = core.next_wakeup()
+            resent = _dispatches_to(core.tick(now), "b")
+        if resent:
+            (dispatch,) = resent
+            now += CFG.peer_request_timeout_s  # the re-dispatch times out
+    result = core.replica.result("p", "b", "x:1")
+    assert result.reason == "node unavailable"
+    assert now - first_failure >= CFG.node_return_timeout_s

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from houndd.coordinator.replica import (
+    MAX_SYNC_RESULTS,
     CancelRecord,
     PlanItem,
     PlanRecord,
@@ -107,3 +108,49 @@ def test_results_for_unknown_plans_or_items_are_dropped() -> None:
     assert r.put_result("nope", "a", "x:1", ItemResult(ItemState.DONE, 1)) == []
     r.put_plan(plan("p"))
     assert r.put_result("p", "zz", "x:1", ItemResult(ItemState.DONE, 1)) == []
+
+
+def big_plan(pid: str, nodes: int = 4, images: int = 500) -> PlanRecord:
+    items = tuple(
+        PlanItem(f"node-{n:02d}", f"registry:5000/many:t{i:03d}", "sha256:" + "a" * 64, 1000)
+        for n in range(nodes)
+        for i in range(images)
+    )
+    return PlanRecord(pid, {"name": pid}, items, 1.0, True)
+
+
+def test_a_big_plan_catches_up_in_bounded_answers() -> None:
+    """A node that missed a 2,000-item plan gets it by anti-entropy in answers that each stay
+    far below the 1 MiB HTTP cap; the plan record travels once, not every round."""
+    rng = random.Random(5)
+    ahead, behind = ReplicaState(), ReplicaState()
+    rec = big_plan("p")
+    ahead.put_plan(rec)
+    for i, item in enumerate(rec.items):
+        state = ItemState.DONE if i % 7 else ItemState.FAILED
+        ahead.put_result("p", item.node_id, item.image, ItemResult(state, 1, item.digest))
+    records_sent = 0
+    rounds = 0
+    while behind.digest() != ahead.digest():
+        rounds += 1
+        assert rounds <= 40, "anti-entropy does not converge"
+        batch = ahead.missing_for(behind.digest(), rng)
+        assert len(batch.results) <= MAX_SYNC_RESULTS <= 1000
+        records_sent += len(batch.plans)
+        behind.apply(batch)
+    assert records_sent == 1
+    assert behind.results("p") == ahead.results("p")
+    # Converged: nothing more to send either way.
+    assert not ahead.missing_for(behind.digest(), rng)
+    assert not behind.missing_for(ahead.digest(), rng)
+
+
+def test_the_record_is_resent_only_to_a_node_that_lacks_its_commit() -> None:
+    committed, tentative = ReplicaState(), ReplicaState()
+    committed.put_plan(plan("p", committed=True))
+    tentative.put_plan(plan("p", committed=False))
+    assert [p.committed for p in committed.missing_for(tentative.digest()).plans] == [True]
+    assert tentative.missing_for(committed.digest()).plans == ()
+    committed.put_result("p", "a", "x:1", ItemResult(ItemState.DONE, 1))
+    tentative.apply(committed.missing_for(tentative.digest()))
+    assert tentative.digest() == committed.digest()

@@ -329,6 +329,177 @@ def test_node_that_returns_in_time_resets_its_timer() -> None:
     assert s.next_wakeup() == 41.0
 
 
+# --- unreachable nodes: an undelivered dispatch is the node's absence, not a pull failure ---------
+
+
+def undelivered(s: Scheduler, node: str, now: float) -> list[Action]:
+    """The dispatch carrying everything in flight on `node` could not be delivered."""
+    sent = [(image, s.item(node, image).attempt) for image in s.in_flight(node)]
+    assert sent, f"nothing in flight on {node}"
+    return s.on_dispatch_failed(node, sent, now)
+
+
+def test_undelivered_dispatches_never_use_up_retries() -> None:
+    # Today's bug: each undelivered dispatch was a transient failure, so a node away for a few
+    # re-dispatches ended 'retries exhausted: node unreachable'. Here retries=0: one charged
+    # failure would end the item.
+    s = sched([("a", "x", "", 2), ("a", "y", "", 1)], retries=0, node_down_timeout_s=300.0)
+    s.start(0.0)
+    now = 0.0
+    for attempt in range(1, 11):
+        assert s.in_flight("a") == ["x", "y"]
+        assert undelivered(s, "a", now) == []
+        for image in ("x", "y"):
+            view = s.item("a", image)
+            assert (view.state, view.attempt, view.failures) == ("pending", attempt, 0)
+        assert s.in_flight("a") == []
+        at = s.next_wakeup()
+        assert at is not None and at > now
+        assert s.on_tick(at - 1e-6) == []  # the node waits for its re-dispatch time
+        now = at
+        acts = s.on_tick(now)
+        assert acts == [
+            Dispatch(
+                "a",
+                (
+                    DispatchItem("x", "", attempt + 1, 60.0),
+                    DispatchItem("y", "", attempt + 1, 60.0),
+                ),
+            )
+        ]
+    assert s.on_result("a", "x", 11, True, "", False, now + 1) == [Final("a", "x", "done", "")]
+    assert finals(s.on_result("a", "y", 11, True, "", False, now + 1)) == [
+        Final("a", "y", "done", "")
+    ]
+    assert s.done()
+    assert all(v.state == "done" and v.failures == 0 for v in s.items())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_redispatch_backoff_doubles_to_its_cap_with_jitter(seed: int) -> None:
+    s = sched([], seed=seed, redispatch_base_s=0.5, redispatch_cap_s=4.0)
+    for misses, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 4.0), (60, 4.0)]:
+        assert ceiling / 2 <= s.redispatch_delay(misses) <= ceiling
+
+
+def test_an_unreachable_node_frees_its_slot_and_another_node_starts() -> None:
+    s = sched([("a", "x", "", 5), ("b", "x", "", 1)], parallelism=1)
+    assert list(images_of(s.start(0.0))) == ["a"]
+    acts = undelivered(s, "a", 1.0)
+    assert list(images_of(acts)) == ["b"]
+    assert s.busy_nodes() == ["b"]
+
+
+def test_membership_alive_redispatches_at_once() -> None:
+    s = sched([("a", "x", "", 1)], redispatch_base_s=5.0, redispatch_cap_s=5.0)
+    s.start(0.0)
+    undelivered(s, "a", 1.0)
+    s.on_node_down("a", 1.5)  # SWIM confirms
+    acts = s.on_node_up("a", 2.0)  # long before the re-dispatch backoff (>= 3.5 s) ends
+    assert acts == [Dispatch("a", (DispatchItem("x", "", 2, 60.0),))]
+
+
+def test_unreachable_too_long_fails_as_node_unavailable() -> None:
+    s = sched([("a", "x", "", 1)], node_down_timeout_s=30.0, redispatch_cap_s=8.0)
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    redispatches = 0
+    verdict: list[Action] = []
+    now = 0.0
+    while not verdict:
+        at = s.next_wakeup()
+        assert at is not None
+        now = at
+        acts = s.on_tick(now)
+        verdict = finals(acts)
+        if dispatches(acts):
+            redispatches += 1
+            now += 0.5
+            verdict = finals(undelivered(s, "a", now))  # each re-dispatch is refused too
+    # The countdown runs from the first undelivered dispatch; re-dispatches do not reset it.
+    assert 30.0 <= now <= 30.5
+    assert redispatches >= 3
+    assert verdict == [Final("a", "x", "failed", NODE_UNAVAILABLE)]
+    assert s.done()
+    assert s.item("a", "x").failures == 0
+
+
+def test_time_up_while_a_redispatch_is_out_waits_for_its_outcome() -> None:
+    s = sched(
+        [("a", "x", "", 1)],
+        node_down_timeout_s=10.0,
+        redispatch_base_s=9.0,
+        redispatch_cap_s=9.0,
+        seed=1,
+    )
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    at = s.next_wakeup()
+    assert at is not None and 4.5 <= at <= 9.0
+    assert images_of(s.on_tick(at)) == {"a": ["x"]}  # the cheap re-dispatch
+    assert s.on_tick(10.0) == []  # time is up, but the re-dispatch may still arrive
+    assert s.on_reachable("a", 10.5) == []  # it did: the node is back
+    assert s.state("a", "x") == "pulling"
+    assert s.on_tick(50.0) == []  # no verdict: the node is no longer away
+    assert s.on_result("a", "x", 2, True, "", False, 51.0) == [Final("a", "x", "done", "")]
+
+
+def test_time_up_while_a_redispatch_is_out_then_dead_fails_at_once() -> None:
+    # The verdict was deferred to the re-dispatch's outcome; membership declares the node dead
+    # first, which takes the re-dispatch back: the verdict must not be lost with it.
+    s = sched(
+        [("a", "x", "", 1)],
+        node_down_timeout_s=10.0,
+        redispatch_base_s=9.0,
+        redispatch_cap_s=9.0,
+    )
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    at = s.next_wakeup()
+    assert at is not None
+    s.on_tick(at)  # the re-dispatch goes out ...
+    assert s.on_tick(10.0) == []  # ... and is still out when the time is up
+    assert s.on_node_down("a", 11.0) == [Final("a", "x", "failed", NODE_UNAVAILABLE)]
+    assert s.done()
+
+
+def test_reachable_again_restarts_the_countdown() -> None:
+    s = sched(
+        [("a", "x", "", 2), ("a", "y", "", 1)],
+        per_node_parallelism=1,
+        node_down_timeout_s=30.0,
+        redispatch_base_s=1.0,
+        redispatch_cap_s=1.0,
+    )
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    at = s.next_wakeup()
+    assert at is not None
+    s.on_tick(at)
+    s.on_reachable("a", at + 0.1)
+    s.on_result("a", "x", 2, True, "", False, 20.0)
+    undelivered(s, "a", 25.0)  # y's dispatch: away again, from 25 s on
+    now = 25.0
+    while (at := s.next_wakeup()) is not None and at < 55.0:
+        now = at
+        if images_of(s.on_tick(now)):
+            undelivered(s, "a", now)
+    assert s.state("a", "y") == "pending"  # 24 s into the second absence: still waiting
+    assert s.next_wakeup() is not None
+
+
+def test_stale_dispatch_failures_change_nothing() -> None:
+    s = sched([("a", "x", "", 1)])
+    s.start(0.0)
+    s.on_started("a", "x", 1, 0.5)
+    assert s.on_dispatch_failed("a", [("x", 7)], 1.0) == []  # not the attempt in flight
+    assert s.on_dispatch_failed("ghost", [("x", 1)], 1.0) == []
+    assert s.state("a", "x") == "pulling"
+    s.on_result("a", "x", 1, True, "", False, 2.0)
+    assert s.on_dispatch_failed("a", [("x", 1)], 3.0) == []  # a late failure report
+    assert s.state("a", "x") == "done"
+
+
 # --- restore after takeover -------------------------------------------------------------------
 
 

@@ -56,7 +56,13 @@ class Inbox:
             raise WireError("not authentic")
         if data == b"slow":
             await asyncio.sleep(1.0)
+        if data.startswith(b"big:"):
+            return BIG_REPLY[: int(data[4:])]
         return b"re:" + data
+
+
+# Not one repeated byte: a body cut short or reassembled out of order must not compare equal.
+BIG_REPLY = random.Random(9).randbytes(1 << 20)
 
 
 async def test_memory_network_delivers_loses_and_partitions() -> None:
@@ -223,6 +229,10 @@ async def test_transport_conformance(kind: str) -> None:
         await asyncio.wait_for(inbox.event.wait(), 2.0)
         assert inbox.datagrams == [(b"datagram", a.local_address)]
         assert await a.request(b.local_address, b"q", 2.0) == b"re:q"
+        # Issue #9 item 4: replies over ~128 KB came back cut to what had arrived so far.
+        for size in (200_000, 900_000):
+            reply = await a.request(b.local_address, b"big:%d" % size, 5.0)
+            assert reply == BIG_REPLY[:size]
         with pytest.raises(PeerError):
             await a.request(b.local_address, b"bad", 2.0)
         with pytest.raises(PeerTimeout):
@@ -232,3 +242,44 @@ async def test_transport_conformance(kind: str) -> None:
         await a.send(b.local_address, b"to a closed peer")  # best effort: no error
         with pytest.raises(PeerError):
             await a.request(b.local_address, b"q", 1.0)
+
+
+async def test_udp_http_reply_is_read_whole_up_to_the_cap() -> None:
+    """Replies of any size up to max_http_body_bytes arrive whole, however the peer sends
+    them (with a Content-Length, or chunked in small pieces); beyond the cap they are refused
+    without reading them into memory."""
+    cap = 600_000
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        how, _, size_text = (await request.read()).decode().partition(":")
+        size = int(size_text)
+        if how == "chunked":
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for start in range(0, size, 7_000):
+                await resp.write(BIG_REPLY[start : min(size, start + 7_000)])
+            await resp.write_eof()
+            return resp
+        return web.Response(body=BIG_REPLY[:size])
+
+    app = web.Application()
+    app.router.add_post(PEER_PATH, route)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    t = UdpHttpTransport(
+        local(max_http_body_bytes=cap), advertise_host="127.0.0.1", bind="127.0.0.1", port=0
+    )
+    await t.start()
+    try:
+        for how in ("length", "chunked"):
+            for size in (0, 1, 131_072 + 1, 400_000, cap):
+                reply = await t.request(("127.0.0.1", port), f"{how}:{size}".encode(), 5.0)
+                assert reply == BIG_REPLY[:size], (how, size, len(reply))
+            with pytest.raises(PeerError, match="over max_http_body_bytes"):
+                await t.request(("127.0.0.1", port), f"{how}:{cap + 1}".encode(), 5.0)
+    finally:
+        await t.close()
+        await runner.cleanup()

@@ -116,3 +116,16 @@ def test_matches_a_naive_model(seqs: list[int]) -> None:
         assert got == expect, (seq, highest)
         if got:
             accepted.add(seq)
+
+
+def test_messages_stamped_before_the_start_are_refused_until_the_window_passes() -> None:
+    guard = ReplayGuard(window_s=30, started_at=NOW)
+    with pytest.raises(WireRefused) as info:
+        guard.accept("a", 1, 1, NOW - 0.001, NOW + 1)
+    assert info.value.reason == "replay_restart"
+    guard.accept("a", 1, 2, NOW, NOW + 1)  # stamped at our start: accepted
+    with pytest.raises(WireRefused) as info:
+        guard.accept("c", 1, 1, NOW - 1, NOW + 30.5)
+    assert info.value.reason == "replay_time"  # from here the timestamp window covers it ...
+    # ... so the floor is dropped: after our clock steps back 60 s, peers are heard again.
+    guard.accept("b", 1, 1, NOW - 60, NOW - 60)

@@ -176,6 +176,34 @@ def test_sequence_below_the_window_refused_out_of_order_inside_accepted(
     assert refusal(b, sealed[500]) == "replay_duplicate"
 
 
+def test_a_restart_opens_no_replay_window(make_wire: WireFactory) -> None:
+    """Issue #9 item 3: the replay window lived in memory, so a restarted node accepted every
+    message captured in the 30 s before its restart."""
+    identity = NodeIdentity.generate()
+    sender = make_wire()
+    before = make_wire(identity=identity, boot_epoch=3, started_at=T0 - 100)
+    captured = [sender.seal(MsgType.LABELS_SET, {"v": i}, T0 + i) for i in range(5)]
+    for i, data in enumerate(captured):
+        assert before.open(data, T0 + i, max_size=MAX_UDP).payload == {"v": i}
+    # The receiver restarts 10 s later: new Wire, empty replay state, same identity.
+    restarted = make_wire(identity=identity, boot_epoch=4, started_at=T0 + 10)
+    for data in captured:  # all inside the +-30 s timestamp window, none seen by this life
+        assert refusal(restarted, data, T0 + 12) == "replay_restart"
+    assert restarted.refused["replay_restart"] == len(captured)
+    fresh = sender.seal(MsgType.LABELS_SET, {"v": "new"}, T0 + 12)
+    assert restarted.open(fresh, T0 + 12, max_size=MAX_UDP).payload == {"v": "new"}
+
+
+def test_the_start_floor_costs_a_lagging_peer_only_its_lag(make_wire: WireFactory) -> None:
+    sender, b = make_wire(), make_wire(replay_window_s=30, started_at=T0)
+    lag = 2.0  # the sender's clock is 2 s behind ours
+    assert refusal(b, sender.seal(MsgType.PING, {}, T0 + 1 - lag), T0 + 1) == "replay_restart"
+    b.open(sender.seal(MsgType.PING, {}, T0 + 3 - lag), T0 + 3, max_size=MAX_UDP)
+    # Past the window the floor is gone: a step of our clock backwards cannot make it bite.
+    b.open(sender.seal(MsgType.PING, {}, T0 + 31), T0 + 31, max_size=MAX_UDP)
+    b.open(sender.seal(MsgType.PING, {}, T0 - 5), T0 - 5, max_size=MAX_UDP)
+
+
 # --- signing keys -----------------------------------------------------------------------------
 
 
