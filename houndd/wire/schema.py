@@ -2,13 +2,25 @@
 
 `encode(obj)` turns a dataclass into a dict of plain values (str, int, float, bool, bytes, None,
 lists and dicts). `decode(cls, obj)` checks a decoded msgpack value against the field types of
-`cls` and builds it, refusing unknown fields, missing required fields and wrong types with a
-`SchemaError` that names the path of the offending field, like `items[2].digest`.
+`cls` and builds it, refusing unknown fields, missing required fields, wrong types and values out
+of their bounds with a `SchemaError` that names the path of the offending field, like
+`items[2].digest`.
 
 Supported field types: str, int, float (an int is accepted), bool (never an int), bytes, None,
 `X | None` and other unions, `Literal[...]`, `list[X]`, `tuple[X, ...]` and fixed tuples,
 `dict[str, X]` / `Mapping[str, X]`, IntEnum / StrEnum (any Enum with int or str values), nested
 dataclasses and `Any` (passed through unchecked). Fields with a default may be omitted.
+
+Bounds ride on `typing.Annotated`: `Annotated[int, Range(0, 2**62)]`,
+`Annotated[str, Size(1, 64), Match(r"[a-z]+")]`, `Annotated[str, Check(fn, "a host")]`. `Size`
+is checked on the raw value before its items are decoded, the others after; `Validated` marks
+a value the class's own `__post_init__` checks. `unbounded(cls)` lists the fields of a payload
+class that carry no bound, so a test can insist on none.
+
+Field metadata (`dataclasses.field(metadata=...)`): `wire_name("id")` puts the field on the
+wire under another key (short keys keep gossip small), `LOCAL` keeps a field off the wire (it
+must have a default), `OMIT_NONE` leaves the field out when it is None (older peers may not
+know it, and a content hash over the encoded form stays the same).
 """
 
 from __future__ import annotations
@@ -17,10 +29,11 @@ import dataclasses
 import enum
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
 from houndd.errors import WireError
 
@@ -29,6 +42,16 @@ T = TypeVar("T")
 _Decoder = Callable[[object, str], Any]
 
 _KIND_NAMES = {"NoneType": "nil", "dict": "map", "list": "array", "tuple": "array"}
+
+LOCAL: Mapping[str, Any] = {"houndd.local": True}
+"""Field metadata: the field never goes on the wire (it needs a default)."""
+OMIT_NONE: Mapping[str, Any] = {"houndd.omit_none": True}
+"""Field metadata: the field is left out of the encoding while it is None."""
+
+
+def wire_name(name: str, **more: Any) -> dict[str, Any]:
+    """Field metadata: the field travels under the key `name`."""
+    return {"houndd.wire": name, **more}
 
 
 class SchemaError(WireError):
@@ -39,6 +62,136 @@ class SchemaError(WireError):
         super().__init__(f"{field or 'payload'}: {problem}")
         self.field = field
         self.problem = problem
+
+
+# --- bounds ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An int or float within [low, high]."""
+
+    low: float
+    high: float
+
+    def check(self, value: Any, path: str) -> None:
+        if not self.low <= value <= self.high:
+            raise SchemaError(path, f"expected {self.low!r}..{self.high!r}, got {_short(value)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A str, bytes, array or map whose length is within [low, high]. Checked before the
+    items are decoded, so an oversize array costs nothing."""
+
+    low: int
+    high: int
+
+    def check(self, value: Any, path: str) -> None:
+        if isinstance(value, str | bytes | list | tuple | dict) and not (
+            self.low <= len(value) <= self.high
+        ):
+            raise SchemaError(
+                path, f"expected a length of {self.low}..{self.high}, got {len(value)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A str that matches `pattern` as a whole; `what` names the shape in errors."""
+
+    pattern: str
+    what: str
+
+    def check(self, value: Any, path: str) -> None:
+        if not _compiled(self.pattern).fullmatch(value):
+            raise SchemaError(path, f"expected {self.what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """Any value accepted by `fn`, which returns None or what is wrong."""
+
+    fn: Callable[[Any], str | None]
+    what: str
+
+    def check(self, value: Any, path: str) -> None:
+        problem = self.fn(value)
+        if problem is not None:
+            raise SchemaError(path, problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class Validated:
+    """Marks a value the class itself checks in full (its `__post_init__` raises ValueError
+    naming the problem), so `unbounded` accepts it; `by` says which validator."""
+
+    by: str
+
+    def check(self, value: Any, path: str) -> None:
+        """Nothing here: the class's own validation runs when it is built."""
+
+
+Bound = Range | Size | Match | Check | Validated
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def unbounded(cls: type, path: str = "") -> list[str]:
+    """Paths of the fields of dataclass `cls` (recursively) that carry no bound: a str,
+    bytes, array or map without `Size`, a number without `Range`, an `Any` without `Check`."""
+    found: list[str] = []
+    _, fields = _fields_of(cls)
+    for f in fields:
+        _audit(f.type, _child(path, f.key), found, set())
+    return found
+
+
+def _audit(tp: Any, path: str, found: list[str], seen: set[Any]) -> None:
+    bounds: tuple[Any, ...] = ()
+    if typing.get_origin(tp) is Annotated:
+        bounds = tp.__metadata__
+        tp = typing.get_args(tp)[0]
+    kinds = {type(b) for b in bounds}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if Validated in kinds or Check in kinds:
+        ok = True
+    elif tp is Any or tp is object:
+        ok = False
+    elif tp in (str, bytes):
+        ok = Size in kinds or Match in kinds
+    elif tp in (int, float):
+        ok = Range in kinds
+    elif origin in (list, Sequence, dict, Mapping) or (origin is tuple and Ellipsis in args):
+        ok = Size in kinds
+        for arg in args:
+            if arg is not Ellipsis:
+                _audit(arg, f"{path}[]", found, seen)
+    elif origin is typing.Union or origin is types.UnionType or origin is tuple:
+        for arg in args:
+            _audit(arg, path, found, seen)
+        ok = True
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp not in seen:
+            seen.add(tp)
+            for f in _fields_of(tp)[1]:
+                _audit(f.type, _child(path, f.key), found, seen)
+        ok = True
+    else:
+        ok = True  # None, bool, Literal, enums: a closed set of values
+    if not ok:
+        found.append(path or "payload")
+
+
+# --- encoding ------------------------------------------------------------------------------
 
 
 def encode(obj: object) -> dict[str, Any]:
@@ -56,14 +209,11 @@ def decode(cls: type[T], obj: object) -> T:
     """Build a `cls` (a dataclass) from a decoded msgpack value, strictly.
 
     Raises `SchemaError` (a `WireError`) naming the field path on an unknown field, a missing
-    field without default, or a value of the wrong type.
+    field without default, a value of the wrong type or out of its bounds.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"schema.decode expects a dataclass type, got {cls!r}")
     return cast(T, _decoder_for(cls)(obj, ""))
-
-
-# --- encoding ------------------------------------------------------------------------------
 
 
 def _encode_value(value: object) -> Any:
@@ -73,27 +223,28 @@ def _encode_value(value: object) -> Any:
         if isinstance(inner, bool) or not isinstance(inner, int | str):
             raise TypeError(f"cannot encode enum {value!r}: values must be int or str")
         return int(inner) if isinstance(inner, int) else str(inner)
-    if value is None or isinstance(value, bool | str | bytes):
-        return value
-    if isinstance(value, int | float):
+    if value is None or isinstance(value, bool | str | bytes | int | float):
         return value
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: _encode_value(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.init
-        }
+        _, fields = _fields_of(type(value))
+        out: dict[str, Any] = {}
+        for f in fields:
+            item = getattr(value, f.name)
+            if item is None and f.omit_none:
+                continue
+            out[f.key] = _encode_value(item)
+        return out
     if isinstance(value, list | tuple):
         return [_encode_value(v) for v in value]
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
+        mapped: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"cannot encode map key {k!r}: keys must be str")
-            out[k] = _encode_value(v)
-        return out
+            mapped[k] = _encode_value(v)
+        return mapped
     raise TypeError(f"cannot encode a {type(value).__name__} on the wire")
 
 
@@ -118,50 +269,63 @@ def _clip(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Field:
     name: str
+    key: str  # the name on the wire
     type: Any
     required: bool
+    omit_none: bool
 
 
 @functools.cache
 def _fields_of(cls: type) -> tuple[dict[str, _Field], tuple[_Field, ...]]:
     # Cached per class: get_type_hints resolves string annotations, which is slow.
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = tuple(
         _Field(
             name=f.name,
+            key=str(f.metadata.get("houndd.wire", f.name)),
             type=hints[f.name],
             required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            omit_none=bool(f.metadata.get("houndd.omit_none")),
         )
         for f in dataclasses.fields(cls)
-        if f.init
+        if f.init and not f.metadata.get("houndd.local")
     )
-    return {f.name: f for f in fields}, fields
+    return {f.key: f for f in fields}, fields
+
+
+def _scalar_decoder(tp: Any) -> _Decoder | None:
+    scalars: dict[Any, _Decoder] = {
+        type(None): _decode_none,
+        None: _decode_none,
+        bool: _decode_bool,
+        int: _decode_int,
+        float: _decode_float,
+        str: _decode_str,
+        bytes: _decode_bytes,
+    }
+    if tp is Any or tp is object:
+        return lambda value, path: value
+    return scalars.get(tp)
 
 
 # Bounded by the number of distinct types in the program, not by input.
 @functools.cache
 def _decoder_for(tp: Any) -> _Decoder:
-    if tp is Any or tp is object:
-        return lambda value, path: value
-    if tp is type(None) or tp is None:
-        return _decode_none
-    if tp is bool:
-        return _decode_bool
-    if tp is int:
-        return _decode_int
-    if tp is float:
-        return _decode_float
-    if tp is str:
-        return _decode_str
-    if tp is bytes:
-        return _decode_bytes
+    scalar = _scalar_decoder(tp)
+    if scalar is not None:
+        return scalar
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return functools.partial(_decode_enum, tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return functools.partial(_decode_dataclass, tp)
+    return _generic_decoder(tp)
 
+
+def _generic_decoder(tp: Any) -> _Decoder:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        return functools.partial(_decode_bounded, _decoder_for(args[0]), tp.__metadata__)
     if origin is typing.Union or origin is types.UnionType:
         return functools.partial(_decode_union, args)
     if origin is typing.Literal:
@@ -175,10 +339,22 @@ def _decoder_for(tp: Any) -> _Decoder:
         return functools.partial(_decode_fixed_tuple, args)
     if origin in (dict, Mapping):
         key, item = args or (str, Any)
-        if key is not str:
+        base = typing.get_args(key)[0] if typing.get_origin(key) is Annotated else key
+        if base is not str:
             raise TypeError(f"schema: map keys must be str, got {tp!r}")
-        return functools.partial(_decode_map, item)
+        return functools.partial(_decode_map, key, item)
     raise TypeError(f"schema: unsupported field type {tp!r}")
+
+
+def _decode_bounded(inner: _Decoder, bounds: tuple[Bound, ...], value: object, path: str) -> Any:
+    for bound in bounds:
+        if isinstance(bound, Size):
+            bound.check(value, path)
+    decoded = inner(value, path)
+    for bound in bounds:
+        if not isinstance(bound, Size):
+            bound.check(decoded, path)
+    return decoded
 
 
 def _decode_none(value: object, path: str) -> None:
@@ -242,8 +418,14 @@ def _decode_union(arms: tuple[Any, ...], value: object, path: str) -> Any:
             first_error = first_error or e
     if len(candidates) == 1 and first_error is not None:
         raise first_error
-    names = " or ".join(getattr(a, "__name__", repr(a)) for a in arms)
+    names = " or ".join(_type_name(a) for a in arms)
     raise SchemaError(path, f"expected {names}, got {_kind(value)}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return str(getattr(tp, "__name__", repr(tp)))
 
 
 def _decode_literal(allowed: tuple[Any, ...], value: object, path: str) -> Any:
@@ -274,34 +456,36 @@ def _decode_fixed_tuple(items: tuple[Any, ...], value: object, path: str) -> tup
     return tuple(_decoder_for(t)(v, f"{path}[{i}]") for i, (t, v) in pairs)
 
 
-def _decode_map(item: Any, value: object, path: str) -> dict[str, Any]:
+def _decode_map(key: Any, item: Any, value: object, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SchemaError(path, f"expected a map, got {_kind(value)}")
+    decode_key = _decoder_for(key)
     decode_item = _decoder_for(item)
     out: dict[str, Any] = {}
     for k, v in value.items():
         if not isinstance(k, str):
             raise SchemaError(path, f"expected string keys, got {_kind(k)}")
-        out[k] = decode_item(v, f"{path}[{_clip(k)!r}]")
+        where = f"{path}[{_clip(k)!r}]"
+        out[decode_key(k, where)] = decode_item(v, where)
     return out
 
 
 def _decode_dataclass(cls: type, value: object, path: str) -> object:
     if not isinstance(value, dict):
         raise SchemaError(path, f"expected a map, got {_kind(value)}")
-    by_name, fields = _fields_of(cls)
+    by_key, fields = _fields_of(cls)
     for key in value:
         if not isinstance(key, str):
             raise SchemaError(path, f"expected string keys, got {_kind(key)}")
-        if key not in by_name:
-            known = ", ".join(by_name)
+        if key not in by_key:
+            known = ", ".join(by_key)
             raise SchemaError(_child(path, key), f"unknown field (known: {known})")
     kwargs: dict[str, Any] = {}
     for f in fields:
-        if f.name in value:
-            kwargs[f.name] = _decoder_for(f.type)(value[f.name], _child(path, f.name))
+        if f.key in value:
+            kwargs[f.name] = _decoder_for(f.type)(value[f.key], _child(path, f.key))
         elif f.required:
-            raise SchemaError(_child(path, f.name), "missing required field")
+            raise SchemaError(_child(path, f.key), "missing required field")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

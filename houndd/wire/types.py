@@ -11,16 +11,16 @@ class MsgType(IntEnum):
     """Peer message types.
 
     Only append: the values are on the wire, and nodes running different versions of houndd
-    must agree on them during a rolling upgrade. Never renumber or reuse a value.
+    must agree on them during a rolling upgrade. Never renumber or reuse a value. Each live
+    type has exactly one payload class (`houndd.wire.payloads`).
     """
 
     PING = 1
     PING_REQ = 2
     ACK = 3
     NACK = 4
-    ALIVE = 5
-    SUSPECT = 6
-    DEAD = 7
+    # 5, 6, 7 (ALIVE, SUSPECT, DEAD): retired, never reuse. Those updates ride in the "g"
+    # list of the SWIM messages instead.
     PUSH_PULL = 8
     PUSH_PULL_REPLY = 9
     HEARTBEAT = 10
@@ -47,6 +47,11 @@ class MsgType(IntEnum):
     FENCED = 31
     PLAN_ABORT = 32
     ABORT = 33
+    RECEIPT = 34  # the answer to a request that has nothing to say back
+
+
+RETIRED_NUMBERS = frozenset({5, 6, 7})
+"""Message type numbers that were used once and must never be given to a new type."""
 
 
 class WireRefused(WireError):
