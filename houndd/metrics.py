@@ -64,6 +64,12 @@ class Metrics:
             "pulls this node's Docker engine was asked to start (after dedupe and IfNotPresent)",
             registry=r,
         )
+        self.peer_handler_errors = Counter(
+            "houndd_peer_handler_errors",
+            "peer messages whose handling raised (dropped; the daemon keeps running), by type",
+            ["type"],
+            registry=r,
+        )
         self.term = Gauge("houndd_term", "highest election term this node has seen", registry=r)
 
     def watch(

@@ -29,8 +29,8 @@ Rules:
   election for a new term at once. Followers of the smaller one fence the larger one for that
   term, so the larger one must move to a new term for everyone to accept it.
 - Fencing (`admit`): a coordinator message is accepted if its term is higher than the fencing
-  term (adopted and persisted), or equal with the same coordinator. Refusals are counted in
-  `fenced_count` for the shell to log and export.
+  term (adopted and persisted), or equal with the same coordinator. A refusal answers the
+  sender with FENCED, which the shell counts.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ class Election:
         self._next_heartbeat_at = now
         self._votes: set[str] = set()
         self._electorate: frozenset[str] = frozenset()
-        self.fenced_count = 0
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -225,7 +224,7 @@ class Election:
         """A candidate asks for our vote. The actions end with the `Reply`."""
         if req.candidate != sender or sender == self.node_id:
             return []
-        refuse: list[Action] = [Reply("VOTE_REPLY", VoteReply(self.term, self.node_id, False))]
+        refuse: list[Action] = [Reply(VoteReply(self.term, self.node_id, False))]
         if req.term <= self.highest_term or req.term < self.term:
             return refuse
         if self.coordinator_live(now) and self.accepted != sender:
@@ -242,7 +241,7 @@ class Election:
             # Give the candidate time to win before we stand ourselves.
             self._election_at = now + self._election_delay()
         actions.append(self._persist())
-        actions.append(Reply("VOTE_REPLY", VoteReply(self.term, self.node_id, granted)))
+        actions.append(Reply(VoteReply(self.term, self.node_id, granted)))
         return actions
 
     def on_vote_reply(self, sender: str, reply: VoteReply, now: float) -> list[Action]:
@@ -278,11 +277,10 @@ class Election:
             self._heard_at = now
             self._election_at = None
             return actions, True
-        self.fenced_count += 1
         if verdict is Verdict.OTHER and self.role is Role.COORDINATOR:
             return self._contested(coordinator, now), False
         notice = Fenced(self.highest_term, self.accepted or "")
-        return [Send(coordinator, "FENCED", notice)], False
+        return [Send(coordinator, notice)], False
 
     def _verdict(self, term: int, coordinator: str) -> Verdict:
         if term > self.highest_term:
@@ -309,9 +307,7 @@ class Election:
         log.info("election started term=%d electorate=%d", self.term, len(self._electorate))
         actions: list[Action] = [self._persist()]
         request = VoteRequest(self.term, self.node_id)
-        actions.extend(
-            Send(n, "VOTE_REQUEST", request) for n in sorted(self._electorate - {self.node_id})
-        )
+        actions.extend(Send(n, request) for n in sorted(self._electorate - {self.node_id}))
         actions.extend(self._maybe_win(now))
         return actions
 
@@ -336,7 +332,7 @@ class Election:
 
     def _heartbeats(self) -> list[Action]:
         hb = Heartbeat(self.term, self.node_id)
-        return [Send(n, "HEARTBEAT", hb) for n in sorted(self._alive or ())]
+        return [Send(n, hb) for n in sorted(self._alive or ())]
 
     def _election_delay(self) -> float:
         return self._rng.uniform(self._cfg.election_timeout_min_s, self._cfg.election_timeout_max_s)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, cast
 
 from houndd.coordinator.plan import Policy
+from houndd.wire.fields import Counter, Digest, Duration, ImageName
 
 __all__ = [
     "NODE_UNAVAILABLE",
@@ -99,12 +100,13 @@ class RestoredItem(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class DispatchItem:
-    """One image of a dispatch: pull `image` at `digest`; the node enforces `timeout_s`."""
+    """One image of a dispatch: pull `image` at `digest`; the node enforces `timeout_s`.
+    The same object travels in DISPATCH, so its fields carry the wire's bounds."""
 
-    image: str
-    digest: str
-    attempt: int
-    timeout_s: float
+    image: ImageName
+    digest: Digest
+    attempt: Counter
+    timeout_s: Duration
 
 
 @dataclass(frozen=True, slots=True)

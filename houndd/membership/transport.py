@@ -151,8 +151,9 @@ class UdpHttpTransport:
         self._on_datagram: OnDatagram | None = None
         self._on_request: OnRequest | None = None
         self._closed = False
+        self._send_errors: set[str] = set()
         self.dropped: Counter[str] = Counter()
-        """Datagrams/requests dropped before crypto, by reason (oversize, rate)."""
+        """Datagrams/requests dropped, by reason (oversize, rate before crypto; send_error)."""
 
     async def start(self) -> None:
         """Bind the UDP socket and create the shared HTTP client session."""
@@ -216,10 +217,18 @@ class UdpHttpTransport:
         return await self._on_request(data, src)
 
     async def send(self, to: Address, data: bytes) -> None:
-        """Send one datagram (dropped silently if not started or closed)."""
+        """Send one datagram (dropped silently if not started or closed). Never raises: an
+        address the OS refuses (a NUL in the host, an unroutable one) drops the datagram."""
         if self._udp is None or self._closed:
             return
-        self._udp.sendto(data, to)
+        try:
+            self._udp.sendto(data, to)
+        except (OSError, ValueError, TypeError) as e:
+            self.dropped["send_error"] += 1
+            kind = type(e).__name__
+            if kind not in self._send_errors:
+                self._send_errors.add(kind)
+                log.warning("datagram not sent peer=%r error=%s: %s", to, kind, e)
 
     async def request(self, to: Address, data: bytes, timeout_s: float) -> bytes:
         """POST `data` to `http://host:port/v1/peer`; the 200 body is the reply."""
@@ -239,8 +248,9 @@ class UdpHttpTransport:
                 return body
         except TimeoutError:
             raise PeerTimeout(f"peer {to[0]}:{to[1]} did not answer in {timeout_s}s") from None
-        except (aiohttp.ClientError, OSError) as e:
-            raise PeerError(f"peer {to[0]}:{to[1]} unreachable: {e}") from None
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            # ValueError: a URL the host makes invalid; the peer is unreachable all the same.
+            raise PeerError(f"peer {to[0]!r}:{to[1]} unreachable: {e}") from None
 
     async def close(self) -> None:
         """Close the socket and the HTTP session; idempotent."""

@@ -33,7 +33,7 @@ class MsgType(IntEnum):
     DISPATCH = 17
     DISPATCH_REPLY = 18
     RESULTS = 19
-    RESULTS_ACK = 20
+    # 20 (RESULTS_ACK): retired, never reuse. A request with no answer gets RECEIPT.
     SYNC_DIGEST = 21
     SYNC_ITEMS = 22
     KEYRING_OP = 23
@@ -50,7 +50,7 @@ class MsgType(IntEnum):
     RECEIPT = 34  # the answer to a request that has nothing to say back
 
 
-RETIRED_NUMBERS = frozenset({5, 6, 7})
+RETIRED_NUMBERS = frozenset({5, 6, 7, 20})
 """Message type numbers that were used once and must never be given to a new type."""
 
 
