@@ -7,18 +7,26 @@ Every field documents its unit in its name and its reason in its docstring-like 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from houndd.errors import ConfigError
+from houndd.wire.fields import (
+    MAX_LABELS,
+    MAX_NAME_CHARS,
+    host_problem,
+    label_key_problem,
+    label_value_problem,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/houndd/houndd.toml")
 DEFAULT_PORT = 7480
@@ -233,9 +241,25 @@ def _validate(c: Config) -> None:
             raise ConfigError("seeds", f"expected host:port entries, got {seed!r}")
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
+    _validate_member(c)
+
+
+def _validate_member(c: Config) -> None:
+    """What goes into this node's member record must pass the wire bounds every peer checks,
+    or peers would refuse our gossip."""
+    if len(c.labels) > MAX_LABELS:
+        raise ConfigError("labels", f"at most {MAX_LABELS} labels")
     for k, v in c.labels.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
+        if not isinstance(k, str) or not isinstance(v, str):
             raise ConfigError("labels", "expected a table of string = string")
+        problem = label_key_problem(k) or label_value_problem(v)
+        if problem:
+            raise ConfigError("labels", f"{k[:64]!r}: {problem}")
+    name = c.node_name
+    if name and (len(name) > MAX_NAME_CHARS or not name.isprintable()):
+        raise ConfigError("node_name", f"expected 1..{MAX_NAME_CHARS} printable characters")
+    if c.advertise and host_problem(c.advertise):
+        raise ConfigError("advertise", f"{c.advertise[:64]!r}: {host_problem(c.advertise)}")
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -249,59 +273,81 @@ def _field_types() -> dict[str, Any]:
 def _coerce(key: str, tp: Any, value: Any, *, from_text: bool) -> Any:
     """Check (TOML) or parse (environment, flags) one value against the field's type."""
     origin = typing.get_origin(tp)
-    if tp is bool:
-        if from_text and isinstance(value, str):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected a boolean, got {value!r}")
-    if tp is int:
-        if from_text and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if from_text and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value, from_text)
     if origin is tuple:
-        if from_text and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return _coerce_list(key, value, from_text)
     if origin in (Mapping, dict) or tp is Mapping:
-        if from_text and isinstance(value, str):
-            out: dict[str, str] = {}
-            for part in filter(None, (p.strip() for p in value.split(","))):
-                k, sep, v = part.partition("=")
-                if not sep or not k:
-                    raise ConfigError(key, f"expected k=v[,k=v], got {value!r}")
-                out[k.strip()] = v.strip()
-            return types.MappingProxyType(out)
-        if isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            return types.MappingProxyType(dict(value))
-        raise ConfigError(key, f"expected a table of string = string, got {value!r}")
+        return _coerce_table(key, value, from_text)
     raise ConfigError(key, f"unsupported type {tp!r}")  # a bug in Config, not user input
+
+
+def _coerce_bool(key: str, value: Any, from_text: bool) -> bool:
+    if from_text and isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"expected a boolean, got {value!r}")
+
+
+def _coerce_int(key: str, value: Any, from_text: bool) -> int:
+    if from_text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"expected an integer, got {value!r}")
+
+
+def _coerce_float(key: str, value: Any, from_text: bool) -> float:
+    if from_text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(key, f"expected a number, got {value!r}")
+
+
+def _coerce_str(key: str, value: Any, from_text: bool) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(key, f"expected a string, got {value!r}")
+
+
+_SCALARS: dict[Any, Callable[[str, Any, bool], Any]] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
+
+
+def _coerce_list(key: str, value: Any, from_text: bool) -> tuple[str, ...]:
+    if from_text and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(key, f"expected a list of strings, got {value!r}")
+
+
+def _coerce_table(key: str, value: Any, from_text: bool) -> Mapping[str, str]:
+    if from_text and isinstance(value, str):
+        out: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            k, sep, v = part.partition("=")
+            if not sep or not k:
+                raise ConfigError(key, f"expected k=v[,k=v], got {value!r}")
+            out[k.strip()] = v.strip()
+        return types.MappingProxyType(out)
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return types.MappingProxyType(dict(value))
+    raise ConfigError(key, f"expected a table of string = string, got {value!r}")
 
 
 def load(

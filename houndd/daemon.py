@@ -19,7 +19,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -584,7 +584,7 @@ class Daemon:
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+    def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
         return self.service.events(plan_id)
 
     async def peer(self, data: bytes, source: str | None) -> bytes:

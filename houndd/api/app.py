@@ -15,7 +15,7 @@ import binascii
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -50,7 +50,7 @@ class NodeApi(Protocol):
     def plans(self) -> list[dict[str, Any]]: ...
     def plan(self, plan_id: str) -> dict[str, Any] | None: ...
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
-    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]: ...
+    def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]: ...
     async def peer(self, data: bytes, source: str | None) -> bytes: ...
     def metrics_text(self) -> tuple[bytes, str]: ...
 
@@ -251,7 +251,7 @@ async def plan_events(request: web.Request) -> web.StreamResponse:
         # the client went away; the stream is ours to end
         pass
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     return resp
 
 

@@ -12,7 +12,7 @@ The daemon builds this once and calls it; each part can be built on its own in t
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from houndd.config import Config
@@ -103,7 +103,7 @@ class CoordinatorService:
         """One plan with its items."""
         return self.views.plan(plan_id)
 
-    def events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+    def events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """The plan's event stream."""
         return self.views.events(plan_id)
 

@@ -8,7 +8,7 @@ plan/item counts the metrics read at scrape time.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from houndd.coordinator.dispatch import DispatchRuntime
@@ -46,7 +46,7 @@ class PlanViews:
         rec = self._runtime.core.replica.plan(plan_id)
         return None if rec is None else self._view(rec, items=True)
 
-    async def events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """A snapshot, then changed items as they change, then the final plan."""
         view = self.plan(plan_id)
         if view is None:

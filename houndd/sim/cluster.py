@@ -541,6 +541,16 @@ class Cluster:
     def check_end(self) -> None:
         """Convergence properties, once everything healed and the run ended."""
         cores = [n.core for n in self.nodes.values() if n.core is not None]
+        self._check_plans_kept(cores)
+        coords = [c for c in cores if c.role is Role.COORDINATOR]
+        if len(coords) != 1:
+            raise Violation(
+                f"{len(coords)} coordinators after healing: {[c.node_id for c in coords]}"
+            )
+        self._check_converged(cores)
+
+    def _check_plans_kept(self, cores: list[NodeCore]) -> None:
+        """G1: every acknowledged plan is on every node; the rest were aborted."""
         for pid in self.submitted:
             # The client retries until acknowledged; only a plan aborted (never acknowledged)
             # may stay unacknowledged.
@@ -552,11 +562,9 @@ class Cluster:
                     raise Violation(
                         f"acknowledged plan {pid} (at {at:.3f}) missing on {core.node_id}"
                     )
-        coords = [c for c in cores if c.role is Role.COORDINATOR]
-        if len(coords) != 1:
-            raise Violation(
-                f"{len(coords)} coordinators after healing: {[c.node_id for c in coords]}"
-            )
+
+    def _check_converged(self, cores: list[NodeCore]) -> None:
+        """G2: every open plan finished, the replicas agree, and "done" means pulled."""
         for core in cores:
             for rec in core.replica.plans():
                 if core.replica.cancelled(rec.plan_id):
