@@ -448,6 +448,8 @@ class Daemon:
             }
             for reason, n in self.transport.dropped.items():
                 out[(reason,)] = out.get((reason,), 0.0) + n
+            # Authentic messages whose payload does not fit its schema (a cluster-key holder's).
+            out[("payload",)] = out.get(("payload",), 0.0) + self.bus.dropped["payload"]
             return out
 
         self.metrics.watch("houndd_members", "members by state", ("state",), members)

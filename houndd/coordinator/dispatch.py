@@ -205,6 +205,10 @@ class DispatchRuntime:
 
     # --- what the rest of the shell asks of the core ---------------------------------------
 
+    def dispatches_in_flight(self) -> int:
+        """DISPATCH requests sent and not answered yet."""
+        return len(self._dispatch_sent)
+
     def coordinator(self) -> tuple[str | None, int]:
         """(coordinator node id or None, term) as this node sees them."""
         if self._core is None:

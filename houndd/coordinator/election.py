@@ -31,6 +31,9 @@ Rules:
 - Fencing (`admit`): a coordinator message is accepted if its term is higher than the fencing
   term (adopted and persisted), or equal with the same coordinator. A refusal answers the
   sender with FENCED, which the shell counts.
+- Terms above `MAX_ADOPTED_TERM` are ignored: adopting one would leave no room for the next
+  elections below the wire's bound, so a single message from a buggy or hostile key holder
+  could otherwise wedge every later election.
 """
 
 from __future__ import annotations
@@ -51,8 +54,13 @@ from houndd.coordinator.messages import (
     VoteReply,
     VoteRequest,
 )
+from houndd.wire.fields import MAX_COUNTER
 
 log = logging.getLogger("houndd.coordinator")
+
+MAX_ADOPTED_TERM = MAX_COUNTER - 2**20
+"""The highest term a node adopts from a peer: a million elections of room below the bound
+every peer checks terms against."""
 
 
 class Role(StrEnum):
@@ -185,7 +193,7 @@ class Election:
 
     def on_heartbeat(self, sender: str, hb: Heartbeat, now: float) -> list[Action]:
         """A coordinator announced itself."""
-        if sender != hb.coordinator or sender == self.node_id:
+        if sender != hb.coordinator or sender == self.node_id or hb.term > MAX_ADOPTED_TERM:
             return []
         actions, _ = self._admit(hb.term, hb.coordinator, now)
         return actions
@@ -200,10 +208,14 @@ class Election:
             # Our own message echoed back (e.g. by anti-entropy): fine only in our own term.
             ok = self.role is Role.COORDINATOR and term == self.term
             return [], ok
+        if term > MAX_ADOPTED_TERM:
+            return [], False
         return self._admit(term, coordinator, now)
 
     def on_fenced(self, sender: str, notice: Fenced, now: float) -> list[Action]:
         """Someone refused our coordinator message and told us its fencing record."""
+        if notice.term > MAX_ADOPTED_TERM:
+            return []
         if notice.term > self.highest_term:
             actions: list[Action] = []
             if notice.term > self.term:
@@ -222,7 +234,7 @@ class Election:
 
     def on_vote_request(self, sender: str, req: VoteRequest, now: float) -> list[Action]:
         """A candidate asks for our vote. The actions end with the `Reply`."""
-        if req.candidate != sender or sender == self.node_id:
+        if req.candidate != sender or sender == self.node_id or req.term > MAX_ADOPTED_TERM:
             return []
         refuse: list[Action] = [Reply(VoteReply(self.term, self.node_id, False))]
         if req.term <= self.highest_term or req.term < self.term:
@@ -246,7 +258,7 @@ class Election:
 
     def on_vote_reply(self, sender: str, reply: VoteReply, now: float) -> list[Action]:
         """A voter answered."""
-        if reply.voter != sender:
+        if reply.voter != sender or reply.term > MAX_ADOPTED_TERM:
             return []
         if reply.term > self.term:
             self.term, self.voted_for = reply.term, None

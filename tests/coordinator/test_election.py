@@ -7,7 +7,7 @@ import random
 import pytest
 
 from houndd.config import local
-from houndd.coordinator.election import Election, ElectionRecord, Role
+from houndd.coordinator.election import MAX_ADOPTED_TERM, Election, ElectionRecord, Role
 from houndd.coordinator.messages import (
     Action,
     Fenced,
@@ -215,3 +215,17 @@ def test_same_term_coordinators_meet(me: str, other: str, expect: Role) -> None:
     assert e.role is expect
     if expect is Role.CANDIDATE:
         assert e.term == 2
+
+
+def test_terms_without_room_for_another_election_are_ignored() -> None:
+    # One heartbeat at the wire's bound used to be adopted; every later election then needed a
+    # term peers refuse, and the cluster never had a coordinator again.
+    e = make("b", now=0.0)
+    assert e.on_heartbeat("a", Heartbeat(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.admit(MAX_ADOPTED_TERM + 1, "a", 0.1) == ([], False)
+    assert e.on_vote_request("a", VoteRequest(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.on_fenced("a", Fenced(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.on_vote_reply("a", VoteReply(MAX_ADOPTED_TERM + 1, "a", True), 0.1) == []
+    assert e.term == 0 and e.highest_term == 0
+    acts = e.on_heartbeat("a", Heartbeat(MAX_ADOPTED_TERM, "a"), 0.2)
+    assert isinstance(acts[0], Persist) and e.highest_term == MAX_ADOPTED_TERM
