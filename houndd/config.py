@@ -48,7 +48,7 @@ def _doc(text: str, **kw: Any) -> Any:
 class Config:
     """Everything a node needs to know. Construct through `lan()`, `local()` or `load()`."""
 
-    # --- identity and placement (the interface contract of DESIGN section 8) ---
+    # --- identity and placement (scripts and operators depend on these names) ---
     node_name: str = _doc("this node's name (default: hostname)", default="")
     state_dir: str = _doc("keys and the SQLite store", default_factory=_default_state_dir)
     bind: str = _doc("address for HTTP (TCP) and gossip (UDP)", default="0.0.0.0")

@@ -1,6 +1,6 @@
 """Term-numbered coordinator election with fencing: a pure state machine.
 
-Availability first (DESIGN section 6): no quorum of the configured cluster is needed, only a
+Availability first (docs/guarantees.md): no quorum of the configured cluster is needed, only a
 majority of the members the candidate currently sees alive, so a two-node cluster fails over to
 the survivor and both sides of a partition keep warming images.
 

@@ -1,6 +1,6 @@
 """The pure pull scheduler: which image goes to which node, and when.
 
-It improves on the paper's Algorithm 1 thread loop (DESIGN section 7):
+It improves on the paper's Algorithm 1 thread loop:
 
 - one work queue per node, largest image first (the long pulls start early, so the plan's
   makespan is not decided by a big image started last);

@@ -28,7 +28,7 @@ from houndd.errors import PlanError
 from houndd.image.credentials import RegistryAuth, RegistryCredential, plan_auth
 from tests.coordinator.jsonschema_subset import schema_errors
 
-DESIGN_EXAMPLE = """\
+README_EXAMPLE = """\
 name: warm-ml-stack
 targets:                              # any mix of the three forms
   - images: [registry.local:5000/pytorch:2.4, registry.local:5000/tf:2.16]
@@ -474,7 +474,7 @@ def test_prune_takes_no_images_and_pull_needs_them() -> None:
 
 
 def test_design_example_parses() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     assert spec.name == "warm-ml-stack"
     assert spec.action == "pull"
     assert spec.targets == (
@@ -531,14 +531,14 @@ def test_yaml_and_json_give_the_same_plan() -> None:
 
 
 def test_to_document_round_trips_and_is_canonical() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     doc = spec.to_document()
     assert json.loads(json.dumps(doc)) == doc
     again = validate_plan(doc)
     assert again == spec
     assert again.to_document() == doc
     # Spelling variants give the same canonical document.
-    variant = DESIGN_EXAMPLE.replace("nginx:1.27", "docker.io/library/nginx:1.27").replace(
+    variant = README_EXAMPLE.replace("nginx:1.27", "docker.io/library/nginx:1.27").replace(
         "timeout: 30m", "timeout: 1800"
     )
     assert parse_plan(variant).to_document() == doc
@@ -606,7 +606,7 @@ def test_policy_constructor_validates() -> None:
 
 
 def test_json_schema_accepts_canonical_documents_and_rejects_invalid_ones() -> None:
-    for doc in (yaml.safe_load(DESIGN_EXAMPLE), parse_plan(DESIGN_EXAMPLE).to_document(), base()):
+    for doc in (yaml.safe_load(README_EXAMPLE), parse_plan(README_EXAMPLE).to_document(), base()):
         assert schema_errors(PLAN_JSON_SCHEMA, doc) == []
     assert schema_errors(PLAN_JSON_SCHEMA, {**base(), "nme": "x"})
     assert schema_errors(PLAN_JSON_SCHEMA, mutate(["targets", 1, "nodes"], ["a"]))
@@ -792,7 +792,7 @@ def test_resolve_reports_unknown_nodes_and_empty_selectors() -> None:
 
 
 def test_resolve_with_no_members() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     res = resolve_targets(spec, [])
     assert res.requests == {}
     assert res.unknown_nodes == ["node-1", "node-3", "node-2"]
