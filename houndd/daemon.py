@@ -330,7 +330,6 @@ class Daemon:
             metrics=self.metrics,
             keyring=keyring,
             rng=self._rng,
-            on_error=lambda kind: self.metrics.peer_handler_errors.labels(kind).inc(),
         )
         self.service.start()
         await self.labels.restore()

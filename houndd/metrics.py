@@ -66,7 +66,8 @@ class Metrics:
         )
         self.peer_handler_errors = Counter(
             "houndd_peer_handler_errors",
-            "peer messages whose handling raised (dropped; the daemon keeps running), by type",
+            "peer messages (and coordinator steps) whose handling raised, by type; each was "
+            "dropped and the daemon kept running",
             ["type"],
             registry=r,
         )

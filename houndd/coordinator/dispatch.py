@@ -19,8 +19,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from houndd.config import Config
@@ -67,33 +67,6 @@ class Clocks:
     mono: Callable[[], float] = time.monotonic
 
 
-@dataclass
-class _Guard:
-    """Failures that must not stop the runtime, logged once per (what, error class)."""
-
-    on_error: Callable[[str], None] | None
-    warned: set[tuple[str, str]] = field(default_factory=set)
-
-    async def run(self, coro: Awaitable[None], what: str) -> None:
-        try:
-            await coro
-        except Exception as e:
-            self.failed(what, e)
-
-    def failed(self, what: str, error: Exception) -> None:
-        if self.on_error is not None:
-            self.on_error(what)
-        key = (what, type(error).__name__)
-        if key in self.warned:
-            log.debug("coordinator step failed what=%s error=%r", what, error)
-            return
-        if len(self.warned) < 1024:
-            self.warned.add(key)
-        log.error(
-            "coordinator step failed what=%s error=%s", what, type(error).__name__, exc_info=error
-        )
-
-
 class DispatchRuntime:
     """Runs the core: its timers, its messages, its actions. `start()` loads the store and
     builds the core (sync: SQLite on local disk); `run()` serves until cancelled."""
@@ -110,7 +83,6 @@ class DispatchRuntime:
         metrics: Metrics,
         rng: random.Random | None = None,
         clocks: Clocks | None = None,
-        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -121,7 +93,6 @@ class DispatchRuntime:
         self.metrics = metrics
         self.clocks = clocks or Clocks()
         self._rng = rng or random.Random()
-        self._guard = _Guard(on_error)
         self._core: NodeCore | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -180,7 +151,7 @@ class DispatchRuntime:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), delay)
                     self._wake.clear()
-                    await self._guard.run(self._tick(), "tick")
+                    await self.bus.guard(self._tick(), "coordinator tick")
             finally:
                 self._tg = None
 
@@ -201,7 +172,7 @@ class DispatchRuntime:
         if self._tg is None:
             coro.close()
             return
-        self._tg.create_task(self._guard.run(coro, what))
+        self._tg.create_task(self.bus.guard(coro, what))
 
     # --- what the rest of the shell asks of the core ---------------------------------------
 

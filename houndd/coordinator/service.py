@@ -12,7 +12,7 @@ The daemon builds this once and calls it; each part can be built on its own in t
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from houndd.config import Config
@@ -46,7 +46,6 @@ class CoordinatorService:
         keyring: Keyring,
         rng: random.Random | None = None,
         clocks: Clocks | None = None,
-        on_error: Callable[[str], None] | None = None,
     ) -> None:
         rng = rng or random.Random()
         self.runtime = DispatchRuntime(
@@ -59,7 +58,6 @@ class CoordinatorService:
             metrics=metrics,
             rng=rng,
             clocks=clocks,
-            on_error=on_error,
         )
         self.submission = Submission(
             config, bus=bus, membership=membership, runtime=self.runtime, registry=registry

@@ -160,7 +160,7 @@ class Bus:
         if self._tg is None:
             coro.close()
             return
-        self._tg.create_task(self._guarded(coro, what, ""))
+        self._tg.create_task(self.guard(coro, what, ""))
 
     # --- sending ---
 
@@ -246,10 +246,7 @@ class Bus:
     async def _datagram(self, data: bytes, source: Address) -> None:
         try:
             env = self._open(data, self._config.max_udp_bytes, source)
-        except WireError as e:
-            self._warn_once(
-                ("refused", source[0]), "refused peer message source=%s err=%s", source[0], e
-            )
+        except WireError:
             return
         registered = self._handlers.get(env.type)
         if registered is None:
@@ -257,7 +254,7 @@ class Bus:
             return
         handler, inline = registered
         if inline:
-            await self._guarded(self._answer_datagram(handler, env), env.type.name, env.sender)
+            await self.guard(self._answer_datagram(handler, env), env.type.name, env.sender)
             return
         if self._tg is None:
             self.dropped["no_handler"] += 1
@@ -273,7 +270,7 @@ class Bus:
 
     async def _run_handler(self, handler: Handler, env: Message) -> None:
         try:
-            await self._guarded(self._answer_datagram(handler, env), env.type.name, env.sender)
+            await self.guard(self._answer_datagram(handler, env), env.type.name, env.sender)
         finally:
             self._running_handlers -= 1
 
@@ -285,8 +282,9 @@ class Bus:
             with contextlib.suppress(UnknownMemberError):
                 await self.send(env.sender, reply)
 
-    async def _guarded(self, coro: Awaitable[None], what: str, peer: str) -> None:
-        """Await `coro`; an exception (but not cancellation) is counted, logged and dropped."""
+    async def guard(self, coro: Awaitable[None], what: str, peer: str = "") -> None:
+        """Await `coro`; an exception (but not cancellation) is counted as a handler error of
+        `what`, logged once per (what, error class), and dropped."""
         try:
             await coro
         except HounddError as e:
@@ -319,13 +317,7 @@ class Bus:
         )
 
     async def _on_request(self, data: bytes, source: Address) -> bytes:
-        try:
-            env = self._open(data, self._config.max_http_body_bytes, source)
-        except WireError as e:
-            self._warn_once(
-                ("refused", source[0]), "refused peer request source=%s err=%s", source[0], e
-            )
-            raise
+        env = self._open(data, self._config.max_http_body_bytes, source)
         registered = self._handlers.get(env.type)
         if registered is None:
             return self._reply(ErrorReply(f"no handler for message type {env.type.name}"))
@@ -342,11 +334,17 @@ class Bus:
     # --- internals ---
 
     def _open(self, data: bytes, max_size: int, source: Address) -> Message:
-        env = self._wire.open(data, self._clock(), max_size=max_size)
+        """Authenticate and decode; a refusal is warned about once per source, then raised."""
         try:
-            payload = decode_payload(env.type, env.payload)
-        except WireError:
-            self.dropped["payload"] += 1
+            env = self._wire.open(data, self._clock(), max_size=max_size)
+            try:
+                payload = decode_payload(env.type, env.payload)
+            except WireError:
+                self.dropped["payload"] += 1
+                raise
+        except WireError as e:
+            key = ("refused", str(source[0]))
+            self._warn_once(key, "refused peer message source=%s err=%s", source[0], e)
             raise
         return Message(env.sender, env.type, payload, source)
 

@@ -39,7 +39,7 @@ from houndd.errors import WireError
 
 T = TypeVar("T")
 
-_Decoder = Callable[[object, str], Any]
+_Decoder = Callable[[object], Any]
 
 _KIND_NAMES = {"NoneType": "nil", "dict": "map", "list": "array", "tuple": "array"}
 
@@ -63,6 +63,16 @@ class SchemaError(WireError):
         self.field = field
         self.problem = problem
 
+    def inside(self, part: str) -> SchemaError:
+        """This error, seen from the container where it sits at `part` (a key or `[i]`)."""
+        if not self.field:
+            field = part
+        elif self.field.startswith("["):
+            field = part + self.field
+        else:
+            field = f"{part}.{self.field}"
+        return SchemaError(field, self.problem)
+
 
 # --- bounds ----------------------------------------------------------------------------------
 
@@ -74,9 +84,9 @@ class Range:
     low: float
     high: float
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if not self.low <= value <= self.high:
-            raise SchemaError(path, f"expected {self.low!r}..{self.high!r}, got {_short(value)}")
+            raise SchemaError("", f"expected {self.low!r}..{self.high!r}, got {_short(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +97,13 @@ class Size:
     low: int
     high: int
 
-    def check(self, value: Any, path: str) -> None:
-        if isinstance(value, str | bytes | list | tuple | dict) and not (
-            self.low <= len(value) <= self.high
-        ):
-            raise SchemaError(
-                path, f"expected a length of {self.low}..{self.high}, got {len(value)}"
-            )
+    def check(self, value: Any) -> None:
+        try:
+            n = len(value)
+        except TypeError:
+            return  # not a sized value: the type's own decoder refuses it
+        if not self.low <= n <= self.high:
+            raise SchemaError("", f"expected a length of {self.low}..{self.high}, got {n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +113,9 @@ class Match:
     pattern: str
     what: str
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         if not _compiled(self.pattern).fullmatch(value):
-            raise SchemaError(path, f"expected {self.what}")
+            raise SchemaError("", f"expected {self.what}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +125,10 @@ class Check:
     fn: Callable[[Any], str | None]
     what: str
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         problem = self.fn(value)
         if problem is not None:
-            raise SchemaError(path, problem)
+            raise SchemaError("", problem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +138,7 @@ class Validated:
 
     by: str
 
-    def check(self, value: Any, path: str) -> None:
+    def check(self, value: Any) -> None:
         """Nothing here: the class's own validation runs when it is built."""
 
 
@@ -213,7 +223,7 @@ def decode(cls: type[T], obj: object) -> T:
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"schema.decode expects a dataclass type, got {cls!r}")
-    return cast(T, _decoder_for(cls)(obj, ""))
+    return cast(T, _decoder_for(cls)(obj))
 
 
 def _encode_value(value: object) -> Any:
@@ -304,11 +314,12 @@ def _scalar_decoder(tp: Any) -> _Decoder | None:
         bytes: _decode_bytes,
     }
     if tp is Any or tp is object:
-        return lambda value, path: value
+        return lambda value: value
     return scalars.get(tp)
 
 
-# Bounded by the number of distinct types in the program, not by input.
+# Decoders are built once per type (and nested types with them), so decoding does no type
+# introspection. Bounded by the number of distinct types in the program, not by input.
 @functools.cache
 def _decoder_for(tp: Any) -> _Decoder:
     scalar = _scalar_decoder(tp)
@@ -317,7 +328,7 @@ def _decoder_for(tp: Any) -> _Decoder:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return functools.partial(_decode_enum, tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return functools.partial(_decode_dataclass, tp)
+        return _DataclassDecoder(tp)
     return _generic_decoder(tp)
 
 
@@ -325,101 +336,109 @@ def _generic_decoder(tp: Any) -> _Decoder:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Annotated:
-        return functools.partial(_decode_bounded, _decoder_for(args[0]), tp.__metadata__)
+        bounds = tuple(tp.__metadata__)
+        sizes = tuple(b for b in bounds if isinstance(b, Size))
+        others = tuple(b for b in bounds if not isinstance(b, Size | Validated))
+        return functools.partial(_decode_bounded, _decoder_for(args[0]), sizes, others)
     if origin is typing.Union or origin is types.UnionType:
-        return functools.partial(_decode_union, args)
+        return _union_decoder(args)
     if origin is typing.Literal:
         return functools.partial(_decode_literal, args)
     if origin in (list, Sequence):
         (item,) = args or (Any,)
-        return functools.partial(_decode_list, item)
+        return functools.partial(_decode_list, _decoder_for(item))
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return functools.partial(_decode_var_tuple, args[0])
-        return functools.partial(_decode_fixed_tuple, args)
+            return functools.partial(_decode_var_tuple, _decoder_for(args[0]))
+        return functools.partial(_decode_fixed_tuple, tuple(_decoder_for(a) for a in args))
     if origin in (dict, Mapping):
         key, item = args or (str, Any)
         base = typing.get_args(key)[0] if typing.get_origin(key) is Annotated else key
         if base is not str:
             raise TypeError(f"schema: map keys must be str, got {tp!r}")
-        return functools.partial(_decode_map, key, item)
+        return functools.partial(_decode_map, _decoder_for(key), _decoder_for(item))
     raise TypeError(f"schema: unsupported field type {tp!r}")
 
 
-def _decode_bounded(inner: _Decoder, bounds: tuple[Bound, ...], value: object, path: str) -> Any:
-    for bound in bounds:
-        if isinstance(bound, Size):
-            bound.check(value, path)
-    decoded = inner(value, path)
-    for bound in bounds:
-        if not isinstance(bound, Size):
-            bound.check(decoded, path)
+def _decode_bounded(
+    inner: _Decoder, sizes: tuple[Size, ...], others: tuple[Bound, ...], value: object
+) -> Any:
+    for size in sizes:
+        size.check(value)
+    decoded = inner(value)
+    for bound in others:
+        bound.check(decoded)
     return decoded
 
 
-def _decode_none(value: object, path: str) -> None:
+def _decode_none(value: object) -> None:
     if value is not None:
-        raise SchemaError(path, f"expected nil, got {_kind(value)}")
+        raise SchemaError("", f"expected nil, got {_kind(value)}")
 
 
-def _decode_bool(value: object, path: str) -> bool:
+def _decode_bool(value: object) -> bool:
     if not isinstance(value, bool):
-        raise SchemaError(path, f"expected a boolean, got {_kind(value)}")
+        raise SchemaError("", f"expected a boolean, got {_kind(value)}")
     return value
 
 
-def _decode_int(value: object, path: str) -> int:
+def _decode_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SchemaError(path, f"expected an integer, got {_kind(value)}")
+        raise SchemaError("", f"expected an integer, got {_kind(value)}")
     return value
 
 
-def _decode_float(value: object, path: str) -> float:
+def _decode_float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SchemaError(path, f"expected a number, got {_kind(value)}")
+        raise SchemaError("", f"expected a number, got {_kind(value)}")
     number = float(value)
     # NaN compares false with everything: one in a timestamp or a size would slip past bounds.
     if not math.isfinite(number):
-        raise SchemaError(path, "expected a finite number")
+        raise SchemaError("", "expected a finite number")
     return number
 
 
-def _decode_str(value: object, path: str) -> str:
+def _decode_str(value: object) -> str:
     if not isinstance(value, str):
-        raise SchemaError(path, f"expected a string, got {_kind(value)}")
+        raise SchemaError("", f"expected a string, got {_kind(value)}")
     return value
 
 
-def _decode_bytes(value: object, path: str) -> bytes:
+def _decode_bytes(value: object) -> bytes:
     if not isinstance(value, bytes):
-        raise SchemaError(path, f"expected binary data, got {_kind(value)}")
+        raise SchemaError("", f"expected binary data, got {_kind(value)}")
     return value
 
 
-def _decode_enum(cls: type[enum.Enum], value: object, path: str) -> enum.Enum:
+def _decode_enum(cls: type[enum.Enum], value: object) -> enum.Enum:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise SchemaError(path, f"expected a {cls.__name__} value, got {_kind(value)}")
+        raise SchemaError("", f"expected a {cls.__name__} value, got {_kind(value)}")
     member = cls._value2member_map_.get(value)
     if member is None:
         shown = repr(value) if isinstance(value, int) or len(value) <= 40 else "a long string"
-        raise SchemaError(path, f"{shown} is not a known {cls.__name__}")
+        raise SchemaError("", f"{shown} is not a known {cls.__name__}")
     return member
 
 
-def _decode_union(arms: tuple[Any, ...], value: object, path: str) -> Any:
-    if value is None and type(None) in arms:
-        return None
-    candidates = [a for a in arms if a is not type(None)]
-    first_error: SchemaError | None = None
-    for arm in candidates:
-        try:
-            return _decoder_for(arm)(value, path)
-        except SchemaError as e:
-            first_error = first_error or e
-    if len(candidates) == 1 and first_error is not None:
-        raise first_error
+def _union_decoder(arms: tuple[Any, ...]) -> _Decoder:
+    optional = type(None) in arms
+    candidates = tuple(_decoder_for(a) for a in arms if a is not type(None))
     names = " or ".join(_type_name(a) for a in arms)
-    raise SchemaError(path, f"expected {names}, got {_kind(value)}")
+
+    def decode(value: object) -> Any:
+        if value is None and optional:
+            return None
+        first_error: SchemaError | None = None
+        for candidate in candidates:
+            try:
+                return candidate(value)
+            except SchemaError as e:
+                first_error = first_error or e
+        if len(candidates) == 1 and first_error is not None:
+            raise first_error
+        raise SchemaError("", f"expected {names}, got {_kind(value)}")
+
+    return decode
 
 
 def _type_name(tp: Any) -> str:
@@ -428,69 +447,100 @@ def _type_name(tp: Any) -> str:
     return str(getattr(tp, "__name__", repr(tp)))
 
 
-def _decode_literal(allowed: tuple[Any, ...], value: object, path: str) -> Any:
+def _decode_literal(allowed: tuple[Any, ...], value: object) -> Any:
     for option in allowed:
         if value == option and type(value) is type(option):
             return option
     shown = ", ".join(repr(a) for a in allowed)
-    raise SchemaError(path, f"expected one of {shown}")
+    raise SchemaError("", f"expected one of {shown}")
 
 
-def _decode_list(item: Any, value: object, path: str) -> list[Any]:
+def _decode_list(decode_item: _Decoder, value: object) -> list[Any]:
     if not isinstance(value, list | tuple):
-        raise SchemaError(path, f"expected an array, got {_kind(value)}")
-    decode_item = _decoder_for(item)
-    return [decode_item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        raise SchemaError("", f"expected an array, got {_kind(value)}")
+    try:
+        return [decode_item(v) for v in value]
+    except SchemaError:
+        pass
+    for i, v in enumerate(value):  # the rare path: find which item, for the error's path
+        try:
+            decode_item(v)
+        except SchemaError as e:
+            raise e.inside(f"[{i}]") from None
+    raise AssertionError("unreachable: an item failed once and then decoded")
 
 
-def _decode_var_tuple(item: Any, value: object, path: str) -> tuple[Any, ...]:
-    return tuple(_decode_list(item, value, path))
+def _decode_var_tuple(decode_item: _Decoder, value: object) -> tuple[Any, ...]:
+    return tuple(_decode_list(decode_item, value))
 
 
-def _decode_fixed_tuple(items: tuple[Any, ...], value: object, path: str) -> tuple[Any, ...]:
+def _decode_fixed_tuple(decoders: tuple[_Decoder, ...], value: object) -> tuple[Any, ...]:
     if not isinstance(value, list | tuple):
-        raise SchemaError(path, f"expected an array, got {_kind(value)}")
-    if len(value) != len(items):
-        raise SchemaError(path, f"expected {len(items)} items, got {len(value)}")
-    pairs = enumerate(zip(items, value, strict=True))
-    return tuple(_decoder_for(t)(v, f"{path}[{i}]") for i, (t, v) in pairs)
+        raise SchemaError("", f"expected an array, got {_kind(value)}")
+    if len(value) != len(decoders):
+        raise SchemaError("", f"expected {len(decoders)} items, got {len(value)}")
+    out = []
+    for i, (decode, item) in enumerate(zip(decoders, value, strict=True)):
+        try:
+            out.append(decode(item))
+        except SchemaError as e:
+            raise e.inside(f"[{i}]") from None
+    return tuple(out)
 
 
-def _decode_map(key: Any, item: Any, value: object, path: str) -> dict[str, Any]:
+def _decode_map(decode_key: _Decoder, decode_item: _Decoder, value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise SchemaError(path, f"expected a map, got {_kind(value)}")
-    decode_key = _decoder_for(key)
-    decode_item = _decoder_for(item)
+        raise SchemaError("", f"expected a map, got {_kind(value)}")
     out: dict[str, Any] = {}
     for k, v in value.items():
         if not isinstance(k, str):
-            raise SchemaError(path, f"expected string keys, got {_kind(k)}")
-        where = f"{path}[{_clip(k)!r}]"
-        out[decode_key(k, where)] = decode_item(v, where)
+            raise SchemaError("", f"expected string keys, got {_kind(k)}")
+        try:
+            out[decode_key(k)] = decode_item(v)
+        except SchemaError as e:
+            raise e.inside(f"[{_clip(k)!r}]") from None
     return out
 
 
-def _decode_dataclass(cls: type, value: object, path: str) -> object:
-    if not isinstance(value, dict):
-        raise SchemaError(path, f"expected a map, got {_kind(value)}")
-    by_key, fields = _fields_of(cls)
-    for key in value:
-        if not isinstance(key, str):
-            raise SchemaError(path, f"expected string keys, got {_kind(key)}")
-        if key not in by_key:
-            known = ", ".join(by_key)
-            raise SchemaError(_child(path, key), f"unknown field (known: {known})")
-    kwargs: dict[str, Any] = {}
-    for f in fields:
-        if f.key in value:
-            kwargs[f.name] = _decoder_for(f.type)(value[f.key], _child(path, f.key))
-        elif f.required:
-            raise SchemaError(_child(path, f.key), "missing required field")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        # A __post_init__ that validates its values: report it at this object's path.
-        field = getattr(e, "field", None)
-        if isinstance(field, str) and field:
-            raise SchemaError(_child(path, field), getattr(e, "reason", str(e))) from None
-        raise SchemaError(path, str(e)) from None
+class _DataclassDecoder:
+    """Builds a dataclass from a map; its field decoders are resolved on first use (a class
+    may name itself through a later one)."""
+
+    def __init__(self, cls: type) -> None:
+        self._cls = cls
+        self._plan: tuple[tuple[str, str, _Decoder, bool], ...] | None = None
+        self._keys: frozenset[str] = frozenset()
+
+    def _resolve(self) -> tuple[tuple[str, str, _Decoder, bool], ...]:
+        by_key, fields = _fields_of(self._cls)
+        self._keys = frozenset(by_key)
+        self._plan = tuple((f.key, f.name, _decoder_for(f.type), f.required) for f in fields)
+        return self._plan
+
+    def __call__(self, value: object) -> object:
+        plan = self._plan if self._plan is not None else self._resolve()
+        if not isinstance(value, dict):
+            raise SchemaError("", f"expected a map, got {_kind(value)}")
+        for key in value:
+            if key not in self._keys:
+                if not isinstance(key, str):
+                    raise SchemaError("", f"expected string keys, got {_kind(key)}")
+                known = ", ".join(sorted(self._keys))
+                raise SchemaError(_clip(key), f"unknown field (known: {known})")
+        kwargs: dict[str, Any] = {}
+        for key, name, decode, required in plan:
+            if key in value:
+                try:
+                    kwargs[name] = decode(value[key])
+                except SchemaError as e:
+                    raise e.inside(key) from None
+            elif required:
+                raise SchemaError(key, "missing required field")
+        try:
+            return self._cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            # A __post_init__ that validates its values: report it at this object's path.
+            field = getattr(e, "field", None)
+            if isinstance(field, str) and field:
+                raise SchemaError(_clip(field), getattr(e, "reason", str(e))) from None
+            raise SchemaError("", str(e)) from None
