@@ -30,11 +30,33 @@ missing_packages() {
   fi
 }
 
+# promtool (`promtool check metrics` in tests/api/test_metrics.py) comes from Debian's
+# prometheus package; only the binary is taken from it, so no Prometheus server gets installed
+# or started on the test machine.
+install_promtool() {
+  if command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  local tmp
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) \
+      && dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool; then
+    install -m 755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+  else
+    echo "services.sh: could not fetch promtool; the promtool test will be skipped" >&2
+  fi
+  rm -rf "$tmp"
+}
+
 cmd="${1:-install}"
 case "$cmd" in
   install)
     mapfile -t pkgs < <(missing_packages)
     if ((${#pkgs[@]} == 0)); then
+      if [[ $EUID -eq 0 ]] && ! command -v promtool >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        install_promtool
+      fi
       exit 0
     fi
     if [[ $EUID -ne 0 ]]; then
@@ -47,6 +69,7 @@ case "$cmd" in
     # docker.io always comes along: it pulls in containerd and runc at matching versions.
     apt-get install -y -qq --no-install-recommends docker.io docker-registry apache2-utils \
       iproute2 iptables util-linux >/dev/null
+    install_promtool
     mapfile -t still < <(missing_packages)
     if ((${#still[@]})); then
       echo "services.sh: still missing after install: ${still[*]}" >&2

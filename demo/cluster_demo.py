@@ -151,7 +151,7 @@ def run(cluster: Cluster, *, start_houndd: bool) -> int:
 
     say(
         f"houndd status   (on {entry})",
-        "The member table every node keeps; * marks the coordinator.",
+        "The member table every node keeps; ROLE shows the coordinator.",
     )
     cluster.houndd(entry, "status", capture=False, timeout=60)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import socket
-import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from houndd.errors import ConfigError
-from houndd.wire.fields import (
+from houndd.names import (
     MAX_LABELS,
     MAX_NAME_CHARS,
     host_problem,
@@ -74,7 +72,9 @@ class Config:
         default="houndd",
     )
     insecure_registries: tuple[str, ...] = _doc(
-        "registries (host:port) reached over plain HTTP besides loopback ones", default=()
+        "registries (host:port) always reached over plain HTTP; an override: registries the "
+        "node's dockerd treats as insecure (--insecure-registry) are learned from it",
+        default=(),
     )
 
     # --- API ---
@@ -90,6 +90,10 @@ class Config:
         "how long a submission waits for a coordinator before answering 503", default=5.0
     )
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+    log_format: str = _doc(
+        "text (one `ts level logger key=value...` line per record) or json (one object per line)",
+        default="text",
+    )
 
     # --- membership (SWIM with Lifeguard suspicion) ---
     probe_interval_s: float = _doc("one probe per interval; bounds detection time", default=1.0)
@@ -162,6 +166,8 @@ class Config:
 
     @property
     def effective_node_name(self) -> str:
+        import socket  # only the daemon asks; the CLI's start-up does not pay for the module
+
         return self.node_name or socket.gethostname()
 
     @property
@@ -227,6 +233,8 @@ def _validate(c: Config) -> None:
         raise ConfigError(
             "log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {c.log_level!r}"
         )
+    if c.log_format not in ("text", "json"):
+        raise ConfigError("log_format", f"expected text or json, got {c.log_format!r}")
     for f in dataclasses.fields(Config):
         value = getattr(c, f.name)
         if f.name.endswith("_s") and not value > 0:
@@ -359,50 +367,87 @@ def load(
     """Build the Config from preset, TOML file, environment and flag overrides.
 
     `path=None` reads `/etc/houndd/houndd.toml` if it exists (else nothing), or the file
-    named by `HOUNDD_CONFIG`. An explicit path that does not exist is an error.
+    named by `HOUNDD_CONFIG`. An explicit path that does not exist is an error. An invalid
+    value raises `ConfigError` naming where it came from: the file, `HOUNDD_<KEY>`, or a flag.
     """
     env = os.environ if env is None else env
     types_ = _field_types()
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
 
-    explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
-    file_path = (
-        Path(path)
-        if path is not None
-        else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
-    )
-    if file_path.exists():
-        try:
-            data = tomllib.loads(file_path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(str(file_path), f"not valid TOML: {e}") from None
-        except OSError as e:
-            raise ConfigError(str(file_path), f"cannot read: {e.strerror}") from None
-        for key, value in data.items():
-            if key not in types_:
-                raise ConfigError(key, f"unknown key in {file_path}")
-            values[key] = _coerce(key, types_[key], value, from_text=False)
-    elif explicit:
-        raise ConfigError(str(file_path), "config file not found")
-
+    _read_file(path, env, types_, values, sources)
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in types_:
             continue  # HOUNDD_* variables of other tools (HOUNDD_API, ...) are not config keys
-        values[key] = _coerce(key, types_[key], raw, from_text=True)
+        sources[key] = f"from the environment variable {name}"
+        try:
+            values[key] = _coerce(key, types_[key], raw, from_text=True)
+        except ConfigError as e:
+            raise _with_source(e, sources) from None
 
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key not in types_:
             raise ConfigError(key, "unknown key")
-        values[key] = _coerce(key, types_[key], value, from_text=isinstance(value, str))
+        sources[key] = f"from the flag --{key.replace('_', '-')}"
+        try:
+            values[key] = _coerce(key, types_[key], value, from_text=isinstance(value, str))
+        except ConfigError as e:
+            raise _with_source(e, sources) from None
 
     preset = values.get("preset", "lan")
-    if preset == "local":
-        return local(**values)
-    if preset == "lan":
-        return lan(**values)
-    raise ConfigError("preset", f"expected one of {', '.join(PRESETS)}, got {preset!r}")
+    if preset not in PRESETS:
+        raise _with_source(
+            ConfigError("preset", f"expected one of {', '.join(PRESETS)}, got {preset!r}"),
+            sources,
+        )
+    try:
+        return local(**values) if preset == "local" else lan(**values)
+    except ConfigError as e:
+        raise _with_source(e, sources) from None
+
+
+def _read_file(
+    path: str | Path | None,
+    env: Mapping[str, str],
+    types_: Mapping[str, Any],
+    values: dict[str, Any],
+    sources: dict[str, str],
+) -> None:
+    """The TOML file's values into `values` (and where each came from into `sources`)."""
+    explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
+    file_path = (
+        Path(path)
+        if path is not None
+        else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    )
+    if not file_path.exists():
+        if explicit:
+            raise ConfigError(str(file_path), "config file not found")
+        return
+    import tomllib  # only when there is a file to read
+
+    try:
+        data = tomllib.loads(file_path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(file_path), f"not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(str(file_path), f"cannot read: {reason}") from None
+    for key, value in data.items():
+        if key not in types_:
+            raise ConfigError(key, f"unknown key in {file_path}")
+        sources[key] = f"in {file_path}"
+        values[key] = _coerce(key, types_[key], value, from_text=False)
+
+
+def _with_source(e: ConfigError, sources: Mapping[str, str]) -> ConfigError:
+    """The same error, saying where the bad value was set (a file, HOUNDD_X, a flag)."""
+    where = sources.get(e.key)
+    if where is None or e.where:
+        return e
+    return ConfigError(e.key, e.reason, where=where)

@@ -37,6 +37,7 @@ from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
 from houndd.image.registry import RegistryClient
+from houndd.image.trust import RegistryTrust
 from houndd.keyfiles import load_or_create_boot_epoch
 from houndd.membership.bus import Bus
 from houndd.membership.keyring_ops import KEYRING_OPS, ClusterKeyring, KeyringOpError
@@ -56,6 +57,7 @@ from houndd.wire.fields import MAX_COUNTER, MAX_SHORT_TEXT_CHARS, MAX_TEXT_CHARS
 log = logging.getLogger("houndd.daemon")
 
 ENGINE_REFRESH_S = 30.0
+ITEM_STATES = ("pending", "pulling", "done", "failed", "cancelled")
 
 
 class _Stopped(Exception):
@@ -291,6 +293,7 @@ class Daemon:
             port=self.transport.port,
             labels=dict(config.labels),
             incarnation=int(time.time() * 1000),  # outranks what we gossiped before a restart
+            version=__version__,
             **_engine_metadata(info),
         )
         self.bus = Bus(
@@ -312,7 +315,9 @@ class Daemon:
             rng=self._rng,
         )
         self.registry = RegistryClient(
-            aiohttp.ClientSession, insecure_registries=config.insecure_registries
+            aiohttp.ClientSession,
+            insecure_registries=config.insecure_registries,
+            trust=self._registry_trust,
         )
         self.executor = Executor(
             self.engine,
@@ -413,6 +418,11 @@ class Daemon:
                 return
             await asyncio.sleep(self.config.join_retry_s * (0.5 + self._rng.random()))
 
+    def _registry_trust(self) -> RegistryTrust:
+        """What this node's dockerd said about insecure registries (its defaults until it
+        answers): the registry client reaches what dockerd reaches."""
+        return self.engine_info.registry_trust if self.engine_info else RegistryTrust()
+
     async def _refresh_engine(self) -> None:
         try:
             self.engine_info = await self.engine.info()
@@ -451,15 +461,42 @@ class Daemon:
             out[("payload",)] = out.get(("payload",), 0.0) + self.bus.dropped["payload"]
             return out
 
+        def items() -> dict[tuple[str, ...], float]:
+            # from the plan views, so items that failed before dispatch (an image the registry
+            # does not have) count as failed like any other
+            counts = dict.fromkeys(ITEM_STATES, 0.0)
+            for view in self.service.plans():
+                for state, n in (view.get("summary") or {}).items():
+                    if state in counts:
+                        counts[state] += n
+            return {(state,): n for state, n in counts.items()}
+
+        def is_coordinator() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.service.coordinator()[0] == self.wire.node_id else 0.0}
+
+        def engine_up() -> dict[tuple[str, ...], float]:
+            return {(): 1.0 if self.engine_info is not None else 0.0}
+
         self.metrics.watch("houndd_members", "members by state", ("state",), members)
         self.metrics.watch(
-            "houndd_peer_messages_refused", "peer messages refused, by reason", ("reason",), refused
+            "houndd_peer_messages_refused",
+            "peer messages refused, by reason",
+            ("reason",),
+            refused,
+            counter=True,
         )
-        self.metrics.watch(
-            "houndd_items", "plan items by state", ("state",), self.service.views.items_by_state
-        )
+        self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
             "houndd_plans", "plans by state", ("state",), self.service.views.plans_by_state
+        )
+        self.metrics.watch(
+            "houndd_is_coordinator", "1 if this node coordinates now, else 0", (), is_coordinator
+        )
+        self.metrics.watch(
+            "houndd_engine_up",
+            "1 if this node's Docker engine answered its last check, else 0",
+            (),
+            engine_up,
         )
 
     def _on_report(self, report: ItemReport) -> None:
@@ -531,6 +568,7 @@ class Daemon:
             "os": m.os,
             "docker_version": m.docker_version,
             "free_disk_bytes": m.free_disk_bytes,
+            "version": m.version,
             "last_heard": m.last_heard if m.node_id != self.wire.node_id else time.time(),
         }
 
@@ -580,13 +618,42 @@ class Daemon:
         return self.service.plans()
 
     def plan(self, plan_id: str) -> dict[str, Any] | None:
-        return self.service.plan(plan_id)
+        view = self.service.plan(plan_id)
+        return self._with_node_states(view) if view is not None else None
+
+    def _with_node_states(self, view: dict[str, Any]) -> dict[str, Any]:
+        """The view with each item's `node_state` and, for an unfinished item of a dead node,
+        `unavailable_in_s`: about how long until it fails as 'node unavailable' (counted from
+        when this node last heard the target). Rows are copied: the service compares them."""
+        if "items" not in view:
+            return view
+        return {**view, "items": [self._with_node_state(row) for row in view["items"]]}
+
+    def _with_node_state(self, row: dict[str, Any]) -> dict[str, Any]:
+        node_id = row.get("node_id")
+        member = self.membership.get(node_id) if node_id else self.membership.by_name(row["node"])
+        out = {**row, "node_state": member.state.value if member else "unknown"}
+        down = member is not None and member.state in (MemberState.DEAD, MemberState.LEFT)
+        if member is not None and down and not row.get("final"):
+            deadline = member.last_heard + self.config.node_return_timeout_s
+            out["unavailable_in_s"] = round(max(0.0, deadline - time.time()), 1)
+        return out
 
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        return self.service.events(plan_id)
+    async def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
+        events = self.service.events(plan_id)
+        try:
+            async for event in events:
+                if isinstance(event.get("plan"), dict):
+                    yield {**event, "plan": self._with_node_states(event["plan"])}
+                elif isinstance(event.get("item"), dict):
+                    yield {**event, "item": self._with_node_state(event["item"])}
+                else:
+                    yield event
+        finally:
+            await events.aclose()
 
     async def peer(self, data: bytes, source: str | None) -> bytes:
         try:

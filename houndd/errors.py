@@ -12,11 +12,16 @@ class HounddError(Exception):
 
 
 class ConfigError(HounddError, ValueError):
-    """Invalid configuration: names the key and what was expected."""
+    """Invalid configuration: names the key, where it was set (`where`: the file, the
+    environment variable, the flag) and what was expected."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config {key}: {message}")
+    def __init__(self, key: str, message: str, *, where: str = "") -> None:
+        super().__init__(
+            f"config {key} ({where}): {message}" if where else f"config {key}: {message}"
+        )
         self.key = key
+        self.reason = message
+        self.where = where
 
 
 class KeyFileError(HounddError, PermissionError):

@@ -3,10 +3,16 @@
 Secrets live in files readable by their owner only: `write_secret` creates them 0600 (and a
 missing parent directory 0700) with an atomic replace, and `read_secret` refuses a file whose mode
 lets group or others read it, the way ssh refuses a loose private key.
+
+The cluster key file format and the API token derived from it live here too, in the standard
+library alone: the CLI derives its token on every call and must not pay for loading NaCl.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -14,6 +20,9 @@ from pathlib import Path
 from houndd.errors import HounddError, KeyFileError
 
 BOOT_EPOCH_FILE = "boot_epoch"
+
+CLUSTER_KEY_BYTES = 32
+"""Length of a cluster key (XSalsa20-Poly1305)."""
 
 # The whole point of the check: a key readable by another local user is a leaked key.
 _LOOSE_BITS = 0o077
@@ -65,6 +74,53 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def parse_key(text: str) -> bytes:
+    """The 32 bytes of a cluster key in its text form (standard base64); ValueError if not."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a cluster key must be base64 text") from None
+    if len(key) != CLUSTER_KEY_BYTES:
+        raise ValueError(f"a cluster key must be {CLUSTER_KEY_BYTES} bytes")
+    return key
+
+
+def read_cluster_keys(path: str | os.PathLike[str]) -> list[bytes]:
+    """The keys of a keyring file: one base64 key per line, the primary first, `#` comments.
+
+    A file holding a single key (what `houndd init` writes) has that key as primary. Raises
+    KeyFileError naming the file and line.
+    """
+    target = Path(path)
+    try:
+        text = read_secret(target).decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{target}: expected base64 keys, one per line") from None
+    keys: list[bytes] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            keys.append(parse_key(stripped))
+        except ValueError as e:
+            raise KeyFileError(f"{target}:{lineno}: {e}") from None
+    if not keys:
+        raise KeyFileError(f"{target}: no key found; expected base64 keys, one per line")
+    return keys
+
+
+def derive_api_token(key: bytes) -> str:
+    """The HTTP API bearer token derived from a cluster key (one secret to distribute).
+
+    A keyed blake2b with its own personalisation, so the token reveals nothing about the key and
+    cannot be mistaken for any other value derived from it.
+    """
+    if not isinstance(key, bytes) or len(key) != CLUSTER_KEY_BYTES:
+        raise ValueError(f"a cluster key must be {CLUSTER_KEY_BYTES} bytes")
+    return hashlib.blake2b(b"", key=key, person=b"houndd-api", digest_size=32).hexdigest()
 
 
 def load_or_create_boot_epoch(state_dir: str | os.PathLike[str]) -> int:

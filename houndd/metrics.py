@@ -1,18 +1,27 @@
 """Prometheus metrics of one node. One registry per daemon, so several daemons can share a
-process in tests without colliding."""
+process in tests without colliding.
+
+Names follow Prometheus conventions: counters end in `_total` (prometheus-client appends it to
+a Counter's name), sizes in `_bytes`, durations in `_seconds`, and `houndd_build_info` is the
+usual constant 1 carrying the version as labels.
+"""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from houndd import __version__
+
 
 class _Callback(Collector):
-    """Values read at scrape time from the live node (no bookkeeping twice)."""
+    """Values read at scrape time from the live node (no bookkeeping twice). A counter's
+    values must only grow; its name is given without `_total`."""
 
     def __init__(
         self,
@@ -20,11 +29,18 @@ class _Callback(Collector):
         doc: str,
         labels: tuple[str, ...],
         read: Callable[[], Mapping[tuple[str, ...], float]],
+        *,
+        counter: bool = False,
     ) -> None:
         self.name, self.doc, self.labels, self.read = name, doc, labels, read
+        self.counter = counter
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.doc, labels=list(self.labels))
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        family: GaugeMetricFamily | CounterMetricFamily
+        if self.counter:
+            family = CounterMetricFamily(self.name, self.doc, labels=list(self.labels))
+        else:
+            family = GaugeMetricFamily(self.name, self.doc, labels=list(self.labels))
         for key, value in self.read().items():
             family.add_metric(list(key), value)
         yield family
@@ -35,7 +51,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.bytes_pulled = Counter(
-            "houndd_bytes_pulled", "bytes pulled by this node's puller", registry=r
+            "houndd_pulled_bytes", "bytes pulled by this node's puller", registry=r
         )
         self.pull_duration = Histogram(
             "houndd_pull_duration_seconds",
@@ -72,6 +88,9 @@ class Metrics:
             registry=r,
         )
         self.term = Gauge("houndd_term", "highest election term this node has seen", registry=r)
+        Info("houndd_build", "version of houndd and Python on this node", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
 
     def watch(
         self,
@@ -79,9 +98,11 @@ class Metrics:
         doc: str,
         labels: tuple[str, ...],
         read: Callable[[], Mapping[tuple[str, ...], float]],
+        *,
+        counter: bool = False,
     ) -> None:
         """Expose values computed at scrape time (members by state, items by state, ...)."""
-        self.registry.register(_Callback(name, doc, labels, read))
+        self.registry.register(_Callback(name, doc, labels, read, counter=counter))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

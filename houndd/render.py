@@ -1,197 +1,575 @@
-"""Human output of the CLI: rich tables and live progress. Scripts use `--json` instead."""
+"""Human output of the CLI: plain tables and live progress, standard library only.
+
+Tables are columns separated by spaces (like `docker ps`), never truncated: operators copy node
+names, image references and plan ids from them. Colour and the redrawn progress region appear
+only on a terminal (and not with NO_COLOR or TERM=dumb); anything piped gets plain lines.
+Scripts use `-o json` instead.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
-from types import TracebackType
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+FINAL_STATES = frozenset({"done", "failed", "cancelled"})
 
-console = Console()
-err_console = Console(stderr=True)
-if not console.is_terminal:
-    # piped into a file or CI log: do not truncate digests and error reasons to 80 columns
-    console = Console(width=200)
-
-_STATE_STYLE = {
-    "alive": "green",
-    "suspect": "yellow",
-    "dead": "red",
-    "left": "dim",
-    "done": "green",
-    "failed": "red",
-    "pulling": "cyan",
-    "pending": "dim",
-    "cancelled": "yellow",
-    "running": "cyan",
+_COLORS = {
+    "alive": "32",
+    "suspect": "33",
+    "dead": "31",
+    "left": "2",
+    "done": "32",
+    "failed": "31",
+    "pulling": "36",
+    "pending": "2",
+    "cancelled": "33",
+    "running": "36",
+    "coordinator": "1",
+    "bold": "1",
+    "dim": "2",
 }
 
 
-def _styled(state: str) -> str:
-    style = _STATE_STYLE.get(state)
-    return f"[{style}]{state}[/{style}]" if style else state
+class Term:
+    """What one output stream can do: colour, width, height, redrawing lines in place."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.color = self.tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+    def size(self) -> tuple[int, int]:
+        """(columns, lines); 200 x 50 when not a terminal."""
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+            return max(size.columns, 20), max(size.lines, 3)
+        except (AttributeError, ValueError, OSError):
+            return 200, 50
+
+    def paint(self, text: str, style: str | None) -> str:
+        code = _COLORS.get(style or "")
+        return f"\x1b[{code}m{text}\x1b[0m" if code and self.color else text
 
 
-def _size(n: int | float | None) -> str:
+# --- formatting -------------------------------------------------------------------------------
+
+
+def size(n: float | None) -> str:
+    """Bytes for humans (binary units, like `docker images`)."""
     if not n:
-        return "-"
+        return "0 B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} GiB"
+    return f"{value:.1f} TiB"  # pragma: no cover
 
 
-def _ago(ts: float | None) -> str:
+def duration(seconds: float | None) -> str:
+    """`4s`, `2m05s`, `1h02m`."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
     if not ts:
         return "-"
-    delta = max(0.0, time.time() - float(ts))
-    return f"{delta:.1f}s ago" if delta < 120 else f"{delta / 60:.0f}m ago"
+    return duration(max(0.0, (now or time.time()) - float(ts))) + " ago"
 
 
-def render_cluster(data: dict[str, Any]) -> None:
+def labels_text(labels: Mapping[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "-"
+
+
+def selector_text(selector: Mapping[str, str]) -> str:
+    """`gpu=true,zone=a`: a selector as the operator wrote it, not a Python dict."""
+    return ",".join(f"{k}={v}" for k, v in selector.items())
+
+
+Cell = str | tuple[str, str | None]
+"""Table cell: text, or (text, style)."""
+
+
+def table(
+    term: Term, headers: Sequence[str], rows: Iterable[Sequence[Cell]], *, no_headers: bool
+) -> list[str]:
+    """Columns padded to their widest cell, separated by three spaces; nothing truncated."""
+    plain_rows: list[list[tuple[str, str | None]]] = [
+        [c if isinstance(c, tuple) else (c, None) for c in row] for row in rows
+    ]
+    if not no_headers:
+        plain_rows.insert(0, [(h.upper(), None) for h in headers])
+    if not plain_rows:
+        return []
+    widths = [max(len(r[i][0]) for r in plain_rows) for i in range(len(headers))]
+    out = []
+    for row in plain_rows:
+        cells = []
+        for i, (text, style) in enumerate(row):
+            pad = "" if i == len(row) - 1 else " " * (widths[i] - len(text))
+            cells.append(term.paint(text, style) + pad)
+        out.append("   ".join(cells).rstrip())
+    return out
+
+
+# --- cluster ----------------------------------------------------------------------------------
+
+
+def cluster_lines(
+    data: Mapping[str, Any], term: Term, *, wide: bool, no_headers: bool
+) -> list[str]:
+    """`houndd status`: a summary line, then one row per member."""
     coord = data.get("coordinator") or {}
-    console.print(
-        f"cluster [bold]{data.get('cluster_id', '?')}[/bold]  "
-        f"coordinator [bold]{coord.get('name') or '(none: election pending)'}[/bold]  "
-        f"term {data.get('term', 0)}  this node {data.get('self', '?')}"
-    )
-    table = Table(show_lines=False)
-    for col in ("name", "state", "address", "labels", "docker", "free disk", "inc", "last heard"):
-        table.add_column(col)
+    coord_id = coord.get("node_id")
+    headers = ["name", "role", "state", "address", "version", "docker", "labels", "last heard"]
+    if wide:
+        headers += ["node id", "incarnation", "kernel", "os", "free disk"]
+    rows = []
+    now = time.time()
     for m in data.get("members", []):
-        labels = ",".join(f"{k}={v}" for k, v in sorted((m.get("labels") or {}).items()))
-        name = m.get("name", "?") + (" *" if m.get("node_id") == coord.get("node_id") else "")
-        table.add_row(
-            name,
-            _styled(str(m.get("state", "?"))),
+        role = "coordinator" if coord_id and m.get("node_id") == coord_id else "member"
+        state = str(m.get("state", "?"))
+        row: list[Cell] = [
+            str(m.get("name", "?")),
+            (role, "coordinator" if role == "coordinator" else None),
+            (state, state),
             f"{m.get('host')}:{m.get('port')}",
-            labels or "-",
-            m.get("docker_version") or "unavailable",
-            _size(m.get("free_disk_bytes")),
-            str(m.get("incarnation", 0)),
-            _ago(m.get("last_heard")),
+            str(m.get("version") or "-"),
+            str(m.get("docker_version") or "unavailable"),
+            labels_text(m.get("labels")),
+            ago(m.get("last_heard"), now),
+        ]
+        if wide:
+            row += [
+                str(m.get("node_id", "")),
+                str(m.get("incarnation", 0)),
+                str(m.get("kernel") or "-"),
+                str(m.get("os") or "-"),
+                size(m.get("free_disk_bytes")) if m.get("free_disk_bytes") else "-",
+            ]
+        rows.append(row)
+    lines = []
+    if not no_headers:
+        coordinator = coord.get("name") or "none (election pending)"
+        lines.append(
+            f"cluster {data.get('cluster_id', '?')}   coordinator {coordinator}   "
+            f"term {data.get('term', 0)}   this node {data.get('self', '?')}"
         )
-    console.print(table)
+    return lines + table(term, headers, rows, no_headers=no_headers)
 
 
-def render_submit(accepted: dict[str, Any]) -> None:
-    err_console.print(f"plan [bold]{accepted['id']}[/bold] accepted ({accepted.get('name', '')})")
-    for g in accepted.get("groups", []):
-        err_console.print(f"  group {g['image']} -> {', '.join(g['nodes'])}")
-    for n in accepted.get("unknown_nodes", []):
-        err_console.print(f"  [yellow]unknown node {n}: not a member, skipped[/yellow]")
-    for s in accepted.get("empty_selectors", []):
-        err_console.print(f"  [yellow]selector {s} matches no member[/yellow]")
+# --- plans ------------------------------------------------------------------------------------
 
 
-def render_plan(plan: dict[str, Any]) -> None:
-    summary = plan.get("summary", {})
-    console.print(
-        f"plan [bold]{plan.get('id')}[/bold] {plan.get('name', '')}: "
-        f"{_styled(str(plan.get('state')))}"
-        f"  ({', '.join(f'{k} {v}' for k, v in summary.items() if v)})"
-    )
-    table = Table()
-    for col in ("node", "image", "state", "digest", "bytes", "attempts", "time", "error"):
-        table.add_column(col)
-    for it in plan.get("items", []):
-        started, finished = it.get("started_at"), it.get("finished_at")
-        took = f"{finished - started:.1f}s" if started and finished else "-"
-        digest = str(it.get("digest") or "-")
-        table.add_row(
-            str(it.get("node")),
-            str(it.get("image")),
-            _styled(str(it.get("state"))) + (" (present)" if it.get("skipped") else ""),
-            digest[:19] + ("..." if len(digest) > 19 else ""),
-            _size(it.get("bytes_total") or it.get("bytes_done")),
-            str(it.get("attempt", 0)),
-            took,
-            " ".join(x for x in (it.get("reason"), it.get("detail")) if x) or "",
-        )
-    console.print(table)
+def summary_text(summary: Mapping[str, int]) -> str:
+    total = int(summary.get("total", 0))
+    parts = [f"{summary.get('done', 0)}/{total} done"]
+    for state in ("failed", "cancelled", "pulling", "pending"):
+        if summary.get(state):
+            parts.append(f"{summary[state]} {state}")
+    return ", ".join(parts)
 
 
-def render_plans(plans: list[dict[str, Any]]) -> None:
-    table = Table()
-    for col in ("id", "name", "action", "state", "items", "accepted"):
-        table.add_column(col)
+def plans_lines(data: Mapping[str, Any], term: Term, *, wide: bool, no_headers: bool) -> list[str]:
+    """`houndd plans` (the body of GET /v1/plans)."""
+    plans: Sequence[Mapping[str, Any]] = data.get("plans", [])
+    headers = ["id", "name", "action", "state", "items", "accepted"]
+    if wide:
+        headers += ["via", "coordinator"]
+    rows = []
+    now = time.time()
     for p in plans:
-        s = p.get("summary", {})
-        table.add_row(
+        state = str(p.get("state"))
+        row: list[Cell] = [
             str(p.get("id")),
             str(p.get("name")),
             str(p.get("action", "pull")),
-            _styled(str(p.get("state"))),
-            f"{s.get('done', 0)}/{s.get('total', 0)} done, {s.get('failed', 0)} failed",
-            _ago(p.get("accepted_at")),
+            (state, state),
+            summary_text(p.get("summary") or {}),
+            ago(p.get("accepted_at"), now),
+        ]
+        if wide:
+            row += [str(p.get("via") or "-"), str(p.get("coordinator") or "-")]
+        rows.append(row)
+    return table(term, headers, rows, no_headers=no_headers)
+
+
+def item_error(it: Mapping[str, Any]) -> str:
+    return ": ".join(str(x) for x in (it.get("reason"), it.get("detail")) if x)
+
+
+def plan_lines(
+    plan: Mapping[str, Any], term: Term, *, wide: bool = False, no_headers: bool = False
+) -> list[str]:
+    """`houndd plan ID` and the report after `--wait`: one row per node x image."""
+    headers = ["node", "image", "state", "size", "attempts", "time", "error"]
+    if wide:
+        headers.insert(3, "digest")
+    rows = []
+    for it in plan.get("items", []):
+        state = str(it.get("state"))
+        started, finished = it.get("started_at"), it.get("finished_at")
+        took = duration(finished - started) if started and finished else "-"
+        shown = state + (" (present)" if it.get("skipped") else "")
+        total = it.get("bytes_total") or it.get("size_bytes") or it.get("bytes_done")
+        row: list[Cell] = [
+            str(it.get("node")),
+            str(it.get("image")),
+            (shown, state),
+            size(total) if total else "-",
+            str(it.get("attempt", 0)),
+            took,
+            item_error(it) or "",
+        ]
+        if wide:
+            row.insert(3, str(it.get("digest") or "-"))
+        rows.append(row)
+    lines = []
+    if not no_headers:
+        state = str(plan.get("state"))
+        lines.append(
+            f"plan {plan.get('id')} {plan.get('name', '')}: {term.paint(state, state)} "
+            f"({summary_text(plan.get('summary') or {})})"
         )
-    console.print(table)
+    return lines + table(term, headers, rows, no_headers=no_headers)
 
 
-def render_keys(op: str, data: dict[str, Any]) -> None:
-    table = Table()
-    for col in ("node", "result", "keys"):
-        table.add_column(col)
-    for node, r in sorted(data.get("nodes", {}).items()):
-        keys = r.get("keys") or []
-        table.add_row(
-            node, "[red]" + r["error"] + "[/red]" if r.get("error") else "ok", "\n".join(keys)
-        )
-    console.print(f"keys {op}:")
-    console.print(table)
+def submit_notes(
+    accepted: Mapping[str, Any], *, with_unresolved: bool = True
+) -> tuple[list[str], list[str]]:
+    """(information, problems) about an accepted submission, for stderr. Unresolved images
+    can be left out when progress will report their items failed anyway."""
+    info = [f"plan {accepted['id']} accepted ({accepted.get('name', '')})"]
+    for g in accepted.get("groups", []):
+        info.append(f"  group {g['image']} -> {', '.join(g['nodes'])}")
+    problems = []
+    for image, failure in (accepted.get("unresolved") or {}).items():
+        why = ": ".join(str(x) for x in (failure.get("reason"), failure.get("detail")) if x)
+        if with_unresolved:
+            problems.append(f"image {image} cannot be pulled: {why}")
+    for n in accepted.get("unknown_nodes", []):
+        problems.append(f"node {n} is not a member: skipped (see `houndd status`)")
+    for s in accepted.get("empty_selectors", []):
+        problems.append(f"selector {selector_text(s)} matches no member")
+    return info, problems
 
 
-class PlanProgress:
-    """Live per node x image progress from the plan's event stream."""
+def submit_problems(accepted: Mapping[str, Any]) -> bool:
+    """True if the plan was accepted with something it cannot serve."""
+    return bool(
+        accepted.get("unresolved")
+        or accepted.get("unknown_nodes")
+        or accepted.get("empty_selectors")
+    )
 
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
+
+def keys_lines(op: str, data: Mapping[str, Any], term: Term, *, no_headers: bool) -> list[str]:
+    rows: list[list[Cell]] = []
+    for node, r in sorted((data.get("nodes") or {}).items()):
+        result: Cell = (str(r["error"]), "failed") if r.get("error") else "ok"
+        rows.append([node, result, ", ".join(r.get("keys") or []) or "-"])
+    return table(term, ["node", "result", "keys"], rows, no_headers=no_headers)
+
+
+# --- live progress ----------------------------------------------------------------------------
+
+RATE_WINDOW_S = 8.0
+
+
+class _Rate:
+    """Bytes per second over the last few seconds of (time, bytes) samples."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, done: float) -> None:
+        if self.samples and done < self.samples[-1][1]:
+            self.samples.clear()  # a retry starts over
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_S:
+            self.samples.popleft()
+
+    def per_s(self, now: float) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        t0, b0 = self.samples[0]
+        t1, b1 = self.samples[-1]
+        if now - t1 > RATE_WINDOW_S or t1 - t0 < 0.2:
+            return None
+        return (b1 - b0) / (t1 - t0)
+
+
+def _eta(left: float, rate: float | None) -> str:
+    if rate is None or rate <= 0 or left <= 0:
+        return ""
+    return "ETA " + duration(left / rate)
+
+
+def _bar(done: float, total: float, width: int = 20) -> str:
+    filled = int(width * min(1.0, done / total)) if total else 0
+    return (
+        "["
+        + "=" * max(0, filled - 1)
+        + (">" if 0 < filled < width else "=" if filled else "")
+        + " " * (width - filled)
+        + "]"
+    )
+
+
+class Progress:
+    """Follows a plan's events and shows them like `docker pull`.
+
+    On a terminal: a region redrawn in place, one row per node x image (one per image when the
+    rows would not fit the screen) with bytes done/total, rate and ETA, and an overall line;
+    failures are printed above it as they happen. Elsewhere: one line per finished item and an
+    overall line now and then. `close()` clears the region, so the final report that follows is
+    the only table left on screen.
+    """
+
+    PLAIN_SUMMARY_EVERY_S = 15.0
+
+    def __init__(self, term: Term, *, live: bool, clock: Any = time.monotonic) -> None:
+        self.term = term
+        self.live = live and term.tty
+        self._clock = clock
         self.items: dict[tuple[str, str], dict[str, Any]] = {}
-        self._live: Live | None = None
+        self._rates: dict[tuple[str, str], _Rate] = {}
+        self._deadlines: dict[tuple[str, str], float] = {}
+        self._reported: set[tuple[str, str]] = set()
+        self._plan: dict[str, Any] = {}
+        self._drawn = 0
+        self._last_draw = 0.0
+        self._last_summary = clock()
+        self._total_rate = _Rate()
 
-    def __enter__(self) -> PlanProgress:
-        if self.enabled:
-            self._live = Live(self._table(), console=err_console, refresh_per_second=4)
-            self._live.__enter__()
-        return self
+    # feeding
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._live is not None:
-            self._live.__exit__(t, e, tb)
-
-    def update(self, event: dict[str, Any]) -> None:
+    def update(self, event: Mapping[str, Any]) -> None:
         plan = event.get("plan")
         if isinstance(plan, dict):
-            for it in plan.get("items", []):
-                self.items[(it["node"], it["image"])] = it
+            self.refresh(plan)
+            return
         item = event.get("item")
         if isinstance(item, dict):
-            self.items[(item["node"], item["image"])] = item
-        if self._live is not None:
-            self._live.update(self._table())
-        elif (
-            not self.enabled and isinstance(item, dict) and item.get("state") in ("done", "failed")
-        ):
-            err_console.print(
-                f"  {item['node']} {item['image']}: {item['state']} {item.get('reason') or ''}"
-            )
+            self._item(item)
+        self.draw()
 
-    def _table(self) -> Table:
-        table = Table(title="progress")
-        for col in ("node", "image", "state", "progress"):
-            table.add_column(col)
-        for (node, image), it in sorted(self.items.items()):
-            total, done = it.get("bytes_total") or 0, it.get("bytes_done") or 0
-            pct = f"{100 * done / total:5.1f}%" if total else ""
-            bar = "#" * int(20 * done / total) if total else ""
-            table.add_row(
-                node, image, _styled(str(it.get("state"))), f"{bar:<20} {pct} {_size(done)}"
+    def refresh(self, plan: Mapping[str, Any]) -> None:
+        """A whole plan view (snapshot, final, or fetched again)."""
+        self._plan = {k: v for k, v in plan.items() if k != "items"}
+        for it in plan.get("items", []):
+            self._item(it)
+        self.draw()
+
+    def _item(self, it: Mapping[str, Any]) -> None:
+        key = (str(it.get("node")), str(it.get("image")))
+        now = self._clock()
+        self.items[key] = dict(it)
+        self._rates.setdefault(key, _Rate()).add(now, float(it.get("bytes_done") or 0))
+        left = it.get("unavailable_in_s")
+        if isinstance(left, int | float):
+            self._deadlines[key] = now + float(left)
+        else:
+            self._deadlines.pop(key, None)
+        state = str(it.get("state"))
+        if state in FINAL_STATES and key not in self._reported:
+            self._reported.add(key)
+            if state == "failed":
+                self._above(
+                    self.term.paint("FAILED", "failed")
+                    + f" {key[0]} {key[1]}: {item_error(it) or 'no reason given'}"
+                )
+            elif not self.live and state == "done":
+                took = ""
+                if it.get("started_at") and it.get("finished_at"):
+                    took = ", " + duration(float(it["finished_at"]) - float(it["started_at"]))
+                total = it.get("bytes_total") or it.get("size_bytes") or 0
+                note = " (already present)" if it.get("skipped") else f" ({size(total)}{took})"
+                self._above(f"done {key[0]} {key[1]}{note}")
+            elif not self.live:
+                self._above(f"{state} {key[0]} {key[1]}")
+
+    # output
+
+    def _above(self, line: str) -> None:
+        """A permanent line: above the live region, which is then drawn again."""
+        if self.live:
+            self._clear()
+        print(line, file=self.term.stream, flush=not self.live)
+        if self.live:
+            self._last_draw = 0.0
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.term.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+
+    def tick(self) -> None:
+        """Time passed without events: move ETAs and countdowns (and the plain summary)."""
+        self.draw()
+
+    def draw(self, *, force: bool = False) -> None:
+        now = self._clock()
+        if not self.live:
+            if now - self._last_summary >= self.PLAIN_SUMMARY_EVERY_S and self.items:
+                self._last_summary = now
+                print(self.overall(now), file=self.term.stream, flush=True)
+            return
+        if not force and now - self._last_draw < 0.2:
+            return
+        self._last_draw = now
+        columns, lines = self.term.size()
+        body = self.rows(now, max_rows=lines - 2)
+        body.append(self.overall(now))
+        self._clear()
+        text = "\n".join(body) + "\n"
+        self.term.stream.write(text)
+        self.term.stream.flush()
+        self._drawn = sum(max(1, -(-_visible_len(line) // columns)) for line in body)
+
+    def close(self) -> None:
+        if self.live:
+            self._clear()
+            self.term.stream.flush()
+
+    # content
+
+    def _totals(self, keys: Iterable[tuple[str, str]]) -> tuple[float, float]:
+        done = total = 0.0
+        for key in keys:
+            it = self.items[key]
+            if it.get("state") in ("failed", "cancelled"):
+                continue
+            t = float(it.get("bytes_total") or it.get("size_bytes") or 0)
+            d = t if it.get("state") == "done" else float(it.get("bytes_done") or 0)
+            total += max(t, d)
+            done += d
+        return done, total
+
+    def overall(self, now: float) -> str:
+        counts: dict[str, int] = {}
+        for it in self.items.values():
+            counts[str(it.get("state"))] = counts.get(str(it.get("state")), 0) + 1
+        summary = summary_text({"total": len(self.items), **counts})
+        done, total = self._totals(self.items)
+        self._total_rate.add(now, done)
+        rate = self._total_rate.per_s(now)
+        parts = [f"plan {self._plan.get('name') or ''} {self._plan.get('id', '')}".strip() + ":"]
+        parts.append(summary)
+        if total:
+            parts.append(f"{size(done)} / {size(total)}")
+        if rate:
+            parts.append(f"{size(rate)}/s")
+        eta = _eta(total - done, rate)
+        if eta:
+            parts.append(eta)
+        return "   ".join(parts)
+
+    def _node_note(self, key: tuple[str, str], now: float) -> str:
+        it = self.items[key]
+        node_state = it.get("node_state")
+        if node_state in (None, "alive") or it.get("state") in FINAL_STATES:
+            return ""
+        if key in self._deadlines:
+            left = max(0.0, self._deadlines[key] - now)
+            return f"node {node_state}: fails as 'node unavailable' in ~{duration(left)}"
+        return f"node {node_state}"
+
+    def rows(self, now: float, *, max_rows: int) -> list[str]:
+        keys = sorted(self.items)
+        if len(keys) <= max_rows:
+            return self._item_rows(keys, now)
+        return self._image_rows(now, max_rows)
+
+    def _item_rows(self, keys: Sequence[tuple[str, str]], now: float) -> list[str]:
+        rows: list[list[Cell]] = []
+        for key in keys:
+            it = self.items[key]
+            state = str(it.get("state"))
+            done = float(it.get("bytes_done") or 0)
+            total = float(it.get("bytes_total") or it.get("size_bytes") or 0)
+            note = self._node_note(key, now)
+            if state == "pulling" and total:
+                rate = self._rates[key].per_s(now)
+                detail = f"{_bar(done, total)} {size(done)} / {size(total)}"
+                if rate:
+                    detail += f"   {size(rate)}/s   {_eta(total - done, rate)}"
+            elif state == "done":
+                detail = "already present" if it.get("skipped") else size(total or done)
+            elif state == "failed":
+                detail = item_error(it)
+            else:
+                detail = ""
+            rows.append([key[0], key[1], (state, state), " ".join(x for x in (detail, note) if x)])
+        return table(self.term, ["node", "image", "state", "progress"], rows, no_headers=True)
+
+    def _image_rows(self, now: float, max_rows: int) -> list[str]:
+        by_image: dict[str, list[tuple[str, str]]] = {}
+        for key in self.items:
+            by_image.setdefault(key[1], []).append(key)
+        rows: list[list[Cell]] = []
+        images = sorted(by_image)
+        shown = images if len(images) <= max_rows else images[: max(1, max_rows - 1)]
+        for image in shown:
+            keys = by_image[image]
+            states: dict[str, int] = {}
+            for k in keys:
+                s = str(self.items[k].get("state"))
+                states[s] = states.get(s, 0) + 1
+            done, total = self._totals(keys)
+            rate = sum(self._rates[k].per_s(now) or 0.0 for k in keys)
+            dead = sum(1 for k in keys if self._node_note(k, now))
+            parts = [summary_text({"total": len(keys), **states}) + " nodes"]
+            if total:
+                parts.append(f"{size(done)} / {size(total)}")
+            if rate:
+                parts += [f"{size(rate)}/s", _eta(total - done, rate)]
+            if dead:
+                parts.append(f"{dead} on unavailable nodes")
+            overall = (
+                "done"
+                if states.get("done") == len(keys)
+                else "failed"
+                if states.get("failed")
+                else "pulling"
+                if states.get("pulling")
+                else ""
             )
-        return table
+            rows.append([image, ("   ".join(p for p in parts if p), overall or None)])
+        lines = table(self.term, ["image", "progress"], rows, no_headers=True)
+        if len(shown) < len(images):
+            lines.append(f"... and {len(images) - len(shown)} more images")
+        return lines
+
+
+def _visible_len(line: str) -> int:
+    out, skipping = 0, False
+    for ch in line:
+        if ch == "\x1b":
+            skipping = True
+        elif skipping:
+            skipping = ch != "m"
+        else:
+            out += 1
+    return out
+
+
+def write_lines(lines: Iterable[str], stream: TextIO | None = None) -> None:
+    out = stream or sys.stdout
+    for line in lines:
+        out.write(line + "\n")
+    out.flush()

@@ -42,6 +42,19 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def run_houndd(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """`python -m houndd ARGS` with no HOUNDD_* variables from the caller's environment
+    (plus `env`), output captured as text."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HOUNDD_")}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "houndd", *args],
+        capture_output=True, text=True, env=full, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
 def http(
     method: str, url: str, token: str | None = None, body: Any = None, timeout: float = 5.0
 ) -> tuple[int, Any]:

@@ -15,10 +15,12 @@ import binascii
 import hmac
 import json
 import logging
+import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from houndd import __version__
 from houndd.api.openapi import openapi_document
@@ -29,6 +31,8 @@ from houndd.errors import (
     PlanError,
     ReplicationError,
 )
+from houndd.jsondoc import DuplicateKey, unique_pairs
+from houndd.names import MAX_LABELS, label_key_problem, label_value_problem
 
 log = logging.getLogger("houndd.api")
 
@@ -85,7 +89,50 @@ async def problem_middleware(
             raise
         return problem(e.status, e.reason, e.text if e.text and e.text != e.reason else "")
     except HounddError as e:
-        return problem(409, type(e).__name__, str(e))
+        status, title = _status_of(e)
+        return problem(status, title, str(e))
+
+
+def _status_of(e: HounddError) -> tuple[int, str]:
+    """HTTP status and a title for the user (never a Python class name), from the built-in
+    exception the error also is."""
+    if isinstance(e, ValueError):
+        return 400, "invalid request"
+    if isinstance(e, LookupError):
+        return 404, "not found"
+    if isinstance(e, ConnectionError):
+        return 502, "peer unreachable"
+    if isinstance(e, TimeoutError):
+        return 504, "timed out"
+    return 409, "conflict"
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger aiohttp's request handler writes to.
+
+    A request aiohttp cannot parse (a control character in a header, a bad request line) is the
+    client's fault: one warning line naming the kind of error, never the offending bytes, which
+    can hold a bearer token. Anything else is a bug and keeps its traceback.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            remote = args[0] if args else "?"
+            self.logger.warning(
+                "bad http request remote=%s status=%s error=%s",
+                remote, exc.code, _parse_error_kind(exc),
+            )  # fmt: skip
+            return
+        self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+
+def _parse_error_kind(exc: HttpProcessingError) -> str:
+    """What went wrong, without the request bytes aiohttp quotes after it."""
+    first = str(exc.message or type(exc).__name__).split("\n", 1)[0]
+    for stop in (":", "'", '"', "b'"):
+        first = first.split(stop, 1)[0]
+    return first.strip()[:80] or type(exc).__name__
 
 
 def auth_middleware_factory() -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -105,7 +152,11 @@ def auth_middleware_factory() -> Callable[..., Awaitable[web.StreamResponse]]:
                 headers={"WWW-Authenticate": 'Bearer realm="houndd"'},
             )
         node = request.app[NODE]
-        if not any(hmac.compare_digest(token, t) for t in node.api_tokens()):
+        # Compared as bytes: a header may hold any character (aiohttp decodes it with
+        # surrogateescape), and compare_digest refuses non-ASCII str.
+        offered = token.encode("utf-8", "surrogateescape")
+        if not any(hmac.compare_digest(offered, t.encode()) for t in node.api_tokens()):
+            log.debug("api unauthorized remote=%s path=%s", request.remote, request.path)
             raise ProblemError(
                 401,
                 "unauthorized",
@@ -127,9 +178,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def _read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = json.loads(raw or b"null")
+        body = json.loads(raw or b"null", object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
+        raise ProblemError(400, "invalid JSON", str(e), field=str(e.key)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProblemError(400, "invalid JSON", str(e), field="body") from None
+    except RecursionError:
+        raise ProblemError(400, "invalid JSON", "nested too deeply", field="body") from None
     if not isinstance(body, dict):
         raise ProblemError(400, "invalid body", "expected a JSON object", field="body")
     return body
@@ -164,10 +219,14 @@ async def node_labels(request: web.Request) -> web.Response:
     labels = body.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise ProblemError(400, "invalid body", "expected a non-empty object", field="labels")
+    if len(labels) > MAX_LABELS:
+        raise ProblemError(
+            400, "invalid body", f"a node carries at most {MAX_LABELS} labels", field="labels"
+        )
     for k, v in labels.items():
-        if not k or len(k) > 63 or not all(c.isalnum() or c in "-_./" for c in k):
+        if label_key_problem(k):
             raise ProblemError(400, "invalid label", f"bad label key {k!r}", field=f"labels.{k}")
-        if v is not None and (not isinstance(v, str) or len(v) > 253):
+        if v is not None and (not isinstance(v, str) or label_value_problem(v)):
             raise ProblemError(
                 400, "invalid label", "a value is a string (<= 253) or null", field=f"labels.{k}"
             )
@@ -278,6 +337,7 @@ def make_app(node: NodeApi, *, max_body_bytes: int) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, auth_middleware_factory()],
         client_max_size=max_body_bytes,
+        handler_args={"logger": ServerLog(logging.getLogger("houndd.api.server"), {})},
     )
     app[NODE] = node
     r = app.router

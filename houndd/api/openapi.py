@@ -98,7 +98,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"200": _ok("labels set"), **_problems(400, 401, 404, 413, 503)},
+                    # 502/504: the node whose labels change did not answer
+                    "responses": {
+                        "200": _ok("labels set"),
+                        **_problems(400, 401, 404, 413, 502, 503, 504),
+                    },
                 }
             },
             "/v1/keys": {

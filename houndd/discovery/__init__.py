@@ -70,6 +70,8 @@ class Discovery:
                         interfaces=interfaces,
                         advertise_host=advertise,
                         on_candidate=self._on_candidate,
+                        node_name=self._config.effective_node_name,
+                        cluster_name=self._config.cluster_name,
                     )
                     self._mdns = mdns
                     try:

@@ -27,6 +27,8 @@ RESOLVE_TIMEOUT_MS = 3000
 MAX_PENDING = 256
 # TXT values are short hex ids and numbers; longer ones are not ours.
 MAX_TXT_VALUE = 128
+# A TXT string holds 255 bytes, key included: names are cut to this many characters.
+MAX_TXT_NAME = 200
 
 
 def default_route_address() -> str:
@@ -61,8 +63,12 @@ class MdnsDiscovery:
         interfaces: list[str],
         advertise_host: str,
         on_candidate: Callable[[Address], None],
+        node_name: str = "",
+        cluster_name: str = "",
     ) -> None:
         self._node_id = node_id
+        self._node_name = node_name[:MAX_TXT_NAME]
+        self._cluster_name = cluster_name[:MAX_TXT_NAME]
         self._fingerprint = fingerprint
         self._port = port
         self._version = version
@@ -74,6 +80,10 @@ class MdnsDiscovery:
         self._pending: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
         self.found: dict[str, Address] = {}
         """Currently announced peers: instance name -> (address, port)."""
+        self.names: dict[str, str] = {}
+        """Node names the announced peers gave (for logs and operators; never trusted)."""
+        self.other_clusters: dict[str, str] = {}
+        """Announced peers of another cluster name, not candidates: instance -> cluster."""
         self._closed = False
 
     async def start(self) -> None:
@@ -92,6 +102,10 @@ class MdnsDiscovery:
                 "fp": self._fingerprint,
                 "port": str(self._port),
                 "version": self._version,
+                # what `avahi-browse -r _houndd._tcp` shows an operator: which node, which
+                # cluster (a peer of another cluster name is not a candidate)
+                "name": self._node_name,
+                "cluster": self._cluster_name,
             },
             server=f"houndd-{self._node_id}.local.",
             parsed_addresses=[self._advertise_host],
@@ -112,6 +126,8 @@ class MdnsDiscovery:
             return
         if state_change is ServiceStateChange.Removed:
             self.found.pop(name, None)
+            self.names.pop(name, None)
+            self.other_clusters.pop(name, None)
             return
         try:
             self._pending.put_nowait(name)
@@ -128,9 +144,16 @@ class MdnsDiscovery:
             if not await info.async_request(self._azc.zeroconf, RESOLVE_TIMEOUT_MS):
                 log.debug("mdns resolve timed out name=%s", name)
                 continue
+            cluster = str(info.decoded_properties.get("cluster") or "")[:MAX_TXT_NAME]
+            if cluster and self._cluster_name and cluster != self._cluster_name:
+                # another cluster on the same LAN: its envelopes would be refused anyway
+                if len(self.other_clusters) < MAX_PENDING:
+                    self.other_clusters[name] = cluster
+                continue
             address = self._candidate(info)
             if address is not None:
                 self.found[name] = address
+                self.names[name] = str(info.decoded_properties.get("name") or "")[:MAX_TXT_NAME]
                 self._on_candidate(address)
 
     def _candidate(self, info: AsyncServiceInfo) -> Address | None:
@@ -145,8 +168,9 @@ class MdnsDiscovery:
         if not addresses or port is None or not 0 < port < 65536:
             return None
         log.debug(
-            "mdns candidate id=%s fp=%s addr=%s:%d", peer_id, txt.get("fp"), addresses[0], port
-        )
+            "mdns candidate id=%s name=%s fp=%s addr=%s:%d",
+            peer_id, txt.get("name"), txt.get("fp"), addresses[0], port,
+        )  # fmt: skip
         return (addresses[0], port)
 
     async def close(self) -> None:

@@ -3,20 +3,29 @@
 Speaks enough of the distribution API for that: manifest GET with every manifest media type
 in Accept, the linux/amd64 entry of an index, anonymous access, HTTP basic auth and the
 bearer-token flow (RFC 6750 challenge -> token endpoint, with basic credentials if any).
+
+Transport follows the node's dockerd, so that houndd reaches every registry dockerd does:
+loopback and `insecure_registries` (the override) over plain HTTP; registries dockerd treats
+as insecure (`--insecure-registry`, learned from its `GET /info`) over HTTPS without
+certificate checks, then plain HTTP; all others over verified HTTPS, trusting the CA files
+dockerd would (`/etc/docker/certs.d/<registry>/*.crt`). A TLS-versus-plain-HTTP mismatch is
+reported as such, with the setting that fixes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -30,6 +39,7 @@ from houndd.errors import (
 )
 from houndd.image.credentials import RegistryAuth, credentials_for
 from houndd.image.reference import ImageRef, InvalidReference, parse_reference
+from houndd.image.trust import RegistryTrust
 
 __all__ = [
     "DOCKER_MANIFEST",
@@ -53,6 +63,26 @@ _MAX_MANIFEST_BYTES = 4 << 20
 _MAX_TOKEN_BYTES = 1 << 20
 _PLATFORM = ("linux", "amd64")
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^,\s]*))')
+# Where dockerd looks for a registry's CA certificates (docker docs: "Verify repository client
+# with certificates").
+DOCKER_CERTS_DIR = Path("/etc/docker/certs.d")
+# What OpenSSL says when a TLS client gets a plain HTTP answer.
+_PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "packet length too long")
+
+
+class _Endpoint(NamedTuple):
+    """How to reach a registry: the URL scheme and the TLS setting for aiohttp's `ssl=`."""
+
+    scheme: str
+    tls: bool | ssl.SSLContext  # True: verify with system CAs; False: no checks (insecure)
+
+
+class _WrongProtocol(Exception):
+    """The endpoint speaks the other protocol (TLS vs plain HTTP); the next one may work."""
+
+    def __init__(self, error: PullError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -92,9 +122,11 @@ class RegistryClient:
 
     `session_factory` makes the aiohttp session on first use (so the constructor does no IO
     and tests can inject connectors); `close()` closes it. `insecure_registries` (`host:port`)
-    are spoken to over plain http, as are loopback hosts; all others over https.
-    `docker_config_path`: where to find credentials when a call passes none (None: the
-    docker CLI's default location).
+    are spoken to over plain http, as are loopback hosts. `trust` returns what the node's
+    dockerd reported about insecure registries (see module docstring); without it, dockerd's
+    defaults. `docker_config_path`: where to find credentials when a call passes none (None:
+    the docker CLI's default location). `certs_dir`: dockerd's per-registry CA directory.
+    `lookup`: a registry's IP addresses (default: the resolver), for dockerd's networks.
     """
 
     def __init__(
@@ -102,14 +134,22 @@ class RegistryClient:
         session_factory: Callable[[], aiohttp.ClientSession],
         *,
         insecure_registries: Sequence[str] = (),
+        trust: Callable[[], RegistryTrust] | None = None,
         docker_config_path: str | Path | None = None,
+        certs_dir: Path = DOCKER_CERTS_DIR,
+        lookup: Callable[[str], Awaitable[list[str]]] | None = None,
         request_timeout_s: float = 30.0,
     ) -> None:
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._insecure = frozenset(insecure_registries)
+        self._trust = trust or RegistryTrust
         self._docker_config_path = docker_config_path
+        self._certs_dir = certs_dir
+        self._lookup = lookup or _addresses
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        # the endpoint that answered last, per registry: tried first next time
+        self._working: dict[str, _Endpoint] = {}
 
     async def close(self) -> None:
         """Close the session if one was made. Idempotent."""
@@ -117,9 +157,39 @@ class RegistryClient:
         if session is not None:
             await session.close()
 
-    def _base_url(self, ref: ImageRef) -> str:
-        scheme = "http" if ref.registry in self._insecure or _is_loopback(ref.registry) else "https"
-        return f"{scheme}://{ref.registry}"
+    async def _endpoints(self, registry: str) -> list[_Endpoint]:
+        if registry in self._insecure or _is_loopback(registry):
+            return [_Endpoint("http", True)]
+        trust = self._trust()
+        addresses: list[str] = []
+        if trust.named(registry) is None:
+            addresses = await self._lookup(registry)
+        if trust.insecure(registry, addresses):
+            endpoints = [_Endpoint("https", False), _Endpoint("http", True)]
+        else:
+            endpoints = [_Endpoint("https", self._tls_context(registry))]
+        working = self._working.get(registry)
+        if working in endpoints:
+            endpoints.remove(working)
+            endpoints.insert(0, working)
+        return endpoints
+
+    def _tls_context(self, registry: str) -> bool | ssl.SSLContext:
+        """System CAs, plus the CA files dockerd would trust for this registry."""
+        directory = self._certs_dir / registry
+        try:
+            cas = sorted(directory.glob("*.crt"))
+        except OSError:
+            return True
+        if not cas:
+            return True
+        context = ssl.create_default_context()
+        for ca in cas:
+            try:
+                context.load_verify_locations(cafile=str(ca))
+            except (OSError, ssl.SSLError) as e:
+                log.warning("ignoring unreadable CA file path=%s error=%s", ca, e)
+        return context
 
     async def resolve(self, ref: str, auth: RegistryAuth | None = None) -> Resolved:
         """Resolve `ref` (tag or digest reference) to its digest, size and media type.
@@ -133,11 +203,35 @@ class RegistryClient:
             raise PullError(PULL_FAILED, str(e)) from None
         if auth is None:
             auth = credentials_for(parsed.registry, self._docker_config_path)
-        base = self._base_url(parsed)
-        reference = parsed.digest or parsed.tag or "latest"
         session = self._session or self._session_factory()
         self._session = session
-        authorizer = _Authorizer(session, parsed, auth, self._timeout)
+        endpoints = await self._endpoints(parsed.registry)
+        for i, endpoint in enumerate(endpoints):
+            try:
+                resolved = await self._resolve_at(session, endpoint, parsed, ref, auth)
+            except _WrongProtocol as e:
+                if i + 1 < len(endpoints):
+                    log.debug(
+                        "registry endpoint failed, trying the next registry=%s scheme=%s",
+                        parsed.registry, endpoint.scheme,
+                    )  # fmt: skip
+                    continue
+                raise e.error from None
+            self._working[parsed.registry] = endpoint
+            return resolved
+        raise AssertionError("no endpoint")  # pragma: no cover  (endpoints is never empty)
+
+    async def _resolve_at(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: _Endpoint,
+        parsed: ImageRef,
+        ref: str,
+        auth: RegistryAuth | None,
+    ) -> Resolved:
+        base = f"{endpoint.scheme}://{parsed.registry}"
+        reference = parsed.digest or parsed.tag or "latest"
+        authorizer = _Authorizer(session, parsed, auth, self._timeout, endpoint.tls)
         body, media_type, digest = await self._manifest(
             session, authorizer, base, parsed, reference
         )
@@ -167,10 +261,25 @@ class RegistryClient:
         headers = {"Accept": _ACCEPT}
         try:
             status, resp_headers, body = await authorizer.get(url, headers, _MAX_MANIFEST_BYTES)
+        except aiohttp.ClientSSLError as e:
+            raise _WrongProtocol(_tls_error(ref.registry, e)) from None
+        except aiohttp.ClientConnectorError as e:
+            reason = (e.os_error.strerror or str(e.os_error)) if e.os_error else str(e)
+            raise pull_error(REGISTRY_UNREACHABLE, f"{ref.registry}: {reason.lower()}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise pull_error(
-                REGISTRY_UNREACHABLE, f"{ref.registry}: {type(e).__name__}: {e}"
-            ) from None
+            detail = str(e) or type(e).__name__
+            if isinstance(e, TimeoutError):
+                detail = "timed out"
+            raise pull_error(REGISTRY_UNREACHABLE, f"{ref.registry}: {detail}") from None
+        if status == 400 and base.startswith("http:") and b"HTTPS server" in body:
+            raise _WrongProtocol(
+                pull_error(
+                    PULL_FAILED,
+                    f"{ref.registry} speaks HTTPS, but houndd used plain HTTP (it is listed in "
+                    f"insecure_registries or is a loopback address): remove it from "
+                    f"insecure_registries in houndd.toml",
+                )
+            )
         if status in (401, 403):
             raise pull_error(UNAUTHORIZED, f"{ref.registry}/{ref.repository}: HTTP {status}")
         if status == 404:
@@ -197,11 +306,13 @@ class _Authorizer:
         ref: ImageRef,
         auth: RegistryAuth | None,
         timeout: aiohttp.ClientTimeout,
+        tls: bool | ssl.SSLContext = True,
     ) -> None:
         self._session = session
         self._ref = ref
         self._auth = auth
         self._timeout = timeout
+        self._tls = tls
         self._authorization: str | None = None
 
     async def get(
@@ -232,7 +343,7 @@ class _Authorizer:
         if self._authorization is not None:
             all_headers["Authorization"] = self._authorization
         async with self._session.get(
-            url, headers=all_headers, timeout=self._timeout, allow_redirects=True
+            url, headers=all_headers, timeout=self._timeout, allow_redirects=True, ssl=self._tls
         ) as resp:
             body = await resp.content.read(limit + 1)
             if len(body) > limit:
@@ -251,7 +362,7 @@ class _Authorizer:
         headers = {} if self._auth is None else {"Authorization": _basic(self._auth)}
         try:
             async with self._session.get(
-                realm, params=query, headers=headers, timeout=self._timeout
+                realm, params=query, headers=headers, timeout=self._timeout, ssl=self._tls
             ) as resp:
                 if resp.status in (401, 403):
                     return None
@@ -265,6 +376,43 @@ class _Authorizer:
         data = _decode(raw)
         token = data.get("token") or data.get("access_token")
         return token if isinstance(token, str) and token else None
+
+
+async def _addresses(registry: str) -> list[str]:
+    """The IP addresses of the registry's host (for dockerd's insecure networks); none if it
+    cannot be resolved, as dockerd does."""
+    host = registry[1:].split("]", 1)[0] if registry.startswith("[") else registry
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+        return []  # a literal: RegistryTrust reads it itself
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _tls_error(registry: str, e: aiohttp.ClientSSLError) -> PullError:
+    text = str(e)
+    if any(sign in text for sign in _PLAIN_HTTP_SIGNS):
+        return pull_error(
+            PULL_FAILED,
+            f"{registry} answers in plain HTTP, not TLS: if it is meant to be plain HTTP, start "
+            f"dockerd with --insecure-registry {registry} (houndd follows dockerd's /info) or "
+            f"add it to insecure_registries in houndd.toml",
+        )
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return pull_error(
+            PULL_FAILED,
+            f"{registry}: TLS certificate not trusted ({e.certificate_error}): put its CA in "
+            f"{DOCKER_CERTS_DIR}/{registry}/ca.crt (dockerd and houndd read it) or mark it "
+            f"insecure in dockerd (--insecure-registry {registry})",
+        )
+    return pull_error(PULL_FAILED, f"{registry}: TLS failed: {text[:200]}")
 
 
 def _decode(body: bytes) -> dict[str, Any]:

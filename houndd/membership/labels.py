@@ -111,7 +111,7 @@ class Labels:
             raise LabelError(f"a node carries at most {MAX_LABELS} labels")
         await asyncio.to_thread(save_labels, self._config.state_path, labels)
         self._membership.update_local(labels=labels)
-        log.info("labels changed labels=%s", ",".join(f"{k}={v!r}" for k, v in labels.items()))
+        log.info("labels changed labels=%s", ",".join(f"{k}={v}" for k, v in labels.items()))
         return labels
 
     async def _on_labels_set(self, msg: Message) -> LabelsReply:

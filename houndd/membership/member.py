@@ -1,7 +1,8 @@
 """The member record (the paper's NIDB entry), which is also its wire form.
 
 `Member` is what `houndd status` shows for one node. On the wire it is a map with short keys
-(`id`, `name`, `host`, `port`, `labels`, `kernel`, `os`, `docker`, `disk`, `state`, `inc`),
+(`id`, `name`, `host`, `port`, `labels`, `kernel`, `os`, `docker`, `disk`, `state`, `inc`,
+`ver`; records of nodes older than `ver` lack it),
 decoded strictly by `houndd.wire.schema` like every payload: each field is bounded, so a peer
 (even an authenticated one) can neither make us hold unbounded data nor hand us a host that
 would make `sendto` fail. `last_heard` is local and never travels.
@@ -49,6 +50,8 @@ class Member:
     state: MemberState = MemberState.ALIVE
     incarnation: Counter = field(default=0, metadata=wire_name("inc"))
     last_heard: float = field(default=0.0, metadata=LOCAL)
+    version: ShortText = field(default="", metadata=wire_name("ver"))
+    """Of houndd on that node, for `houndd status` during rolling upgrades."""
 
     @property
     def address(self) -> Address:
@@ -70,4 +73,5 @@ class Member:
             and self.os == other.os
             and self.docker_version == other.docker_version
             and self.free_disk_bytes == other.free_disk_bytes
+            and self.version == other.version
         )

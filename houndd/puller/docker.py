@@ -24,6 +24,7 @@ from houndd.errors import (
 )
 from houndd.image.credentials import RegistryAuth, credentials_for
 from houndd.image.reference import ImageRef, InvalidReference, parse_reference
+from houndd.image.trust import RegistryTrust
 from houndd.puller.engine import EngineInfo, PruneReport, PullProgress
 
 __all__ = ["DockerEngine", "classify_pull_error"]
@@ -184,6 +185,7 @@ class DockerEngine:
             os=str(data.get("OperatingSystem", "")),
             free_disk_bytes=self._free_disk(str(data.get("DockerRootDir", ""))),
             images=int(data.get("Images", 0)),
+            registry_trust=RegistryTrust.from_docker_info(data),
         )
 
     def _free_disk(self, root: str) -> int | None:

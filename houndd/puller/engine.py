@@ -7,10 +7,11 @@ suite (tests/puller/test_conformance.py) runs against both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from houndd.image.credentials import RegistryAuth
+from houndd.image.trust import RegistryTrust
 
 __all__ = ["Engine", "EngineInfo", "PruneReport", "PullProgress"]
 
@@ -24,6 +25,8 @@ class EngineInfo:
     os: str
     free_disk_bytes: int | None  # None when the engine's disk is not local to this process
     images: int
+    # which registries the engine reaches over plain HTTP (or unverified TLS)
+    registry_trust: RegistryTrust = field(default_factory=RegistryTrust)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,28 @@ would make a system call fail later (a host with a NUL byte in `sendto`).
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from typing import Annotated
 
+from houndd.names import (
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_LABELS,
+    MAX_NAME_CHARS,
+    host_problem,
+    label_key_problem,
+    label_value_problem,
+    printable_problem,
+)
 from houndd.wire.schema import Check, Match, Range, Size
+
+__all__ = [
+    "MAX_LABELS",
+    "MAX_NAME_CHARS",
+    "host_problem",
+    "label_key_problem",
+    "label_value_problem",
+    "printable_problem",
+]
 
 MAX_COUNTER = 2**62
 """Incarnations, terms, epochs, sequence numbers, attempts and sizes stay at or below this:
@@ -23,17 +40,12 @@ MAX_TIMESTAMP_S = float(2**40)
 """Seconds since the epoch (about 36,000 years): finite, never negative."""
 MAX_DURATION_S = 7 * 24 * 3600.0
 """The longest per-item timeout a plan may set."""
-MAX_NAME_CHARS = 253
-"""Node names default to hostnames: a DNS name's limit."""
 MAX_TEXT_CHARS = 4096
 """Free text: failure details, error messages."""
 MAX_SHORT_TEXT_CHARS = 256
 """Short free text: versions, kernel and OS names, failure reasons."""
 MAX_IMAGE_CHARS = 600
 """An image reference (name 255 + tag 129 + a sha512 digest 136, with room)."""
-MAX_LABELS = 64
-MAX_LABEL_KEY_CHARS = 63
-MAX_LABEL_VALUE_CHARS = 253
 MAX_ITEMS = 100_000
 """Items of one plan (nodes x images); arrays of them are bounded by the message size too."""
 
@@ -57,50 +69,12 @@ Text = Annotated[str, Size(0, MAX_TEXT_CHARS)]
 ShortText = Annotated[str, Size(0, MAX_SHORT_TEXT_CHARS)]
 
 
-def printable_problem(value: str) -> str | None:
-    """None if `value` has no control characters (it ends up in logs and terminals)."""
-    return None if value.isprintable() else "contains control characters"
-
-
 Name = Annotated[str, Size(1, MAX_NAME_CHARS), Check(printable_problem, "printable")]
 """A node or plan name: 1..253 printable characters."""
 ImageName = Annotated[str, Size(1, MAX_IMAGE_CHARS), Check(printable_problem, "printable")]
 """An image as a plan names it (syntax is checked where it is parsed, not on the wire)."""
 
-_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
-def host_problem(host: str) -> str | None:
-    """None if `host` is an IP address or an RFC 1123 hostname, else what is wrong."""
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    if not 0 < len(host) <= MAX_NAME_CHARS:
-        return f"expected 1..{MAX_NAME_CHARS} characters"
-    if all(_HOST_LABEL.fullmatch(part) for part in host.split(".")):
-        return None
-    return "expected an IP address or an RFC 1123 hostname"
-
-
 Host = Annotated[str, Size(1, MAX_NAME_CHARS), Check(host_problem, "a host")]
-
-
-def label_key_problem(key: str) -> str | None:
-    """None if `key` is a label key the API accepts: 1..63 of letters, digits, - _ . /"""
-    if not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
-        return f"a label key has 1..{MAX_LABEL_KEY_CHARS} characters"
-    if not all(c.isalnum() or c in "-_./" for c in key):
-        return "a label key has only letters, digits and - _ . /"
-    return None
-
-
-def label_value_problem(value: str) -> str | None:
-    """None if `value` is a label value the API accepts: at most 253 characters."""
-    if len(value) > MAX_LABEL_VALUE_CHARS:
-        return f"a label value has at most {MAX_LABEL_VALUE_CHARS} characters"
-    return None
 
 
 LabelKey = Annotated[str, Size(1, MAX_LABEL_KEY_CHARS), Check(label_key_problem, "a label key")]

@@ -9,7 +9,6 @@ of blake2b(key), so a receiver picks the key without trial decryption. Rotating 
 from __future__ import annotations
 
 import base64
-import binascii
 import builtins
 import hashlib
 import os
@@ -21,10 +20,11 @@ import nacl.secret
 import nacl.utils
 
 from houndd.errors import HounddError, KeyFileError
-from houndd.keyfiles import read_secret, write_secret
+from houndd.keyfiles import CLUSTER_KEY_BYTES, parse_key, read_cluster_keys, write_secret
+from houndd.keyfiles import derive_api_token as _derive_api_token
 from houndd.wire.types import WireRefused
 
-KEY_BYTES = 32
+KEY_BYTES = CLUSTER_KEY_BYTES
 """Length of a cluster key (XSalsa20-Poly1305)."""
 
 _NONCE_BYTES = 24
@@ -54,21 +54,15 @@ def encode_key(key: bytes) -> str:
 def decode_key(text: str) -> bytes:
     """Parse the text form of a key; raises KeyringError if it is not 32 base64 bytes."""
     try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyringError("a cluster key must be base64 text") from None
-    _check_key(key)
-    return key
+        return parse_key(text)
+    except ValueError as e:
+        raise KeyringError(str(e)) from None
 
 
 def derive_api_token(key: bytes) -> str:
-    """The HTTP API bearer token derived from a cluster key (one secret to distribute).
-
-    A keyed blake2b with its own personalisation, so the token reveals nothing about the key and
-    cannot be mistaken for any other value derived from it.
-    """
+    """The HTTP API bearer token derived from a cluster key (see `houndd.keyfiles`)."""
     _check_key(key)
-    return hashlib.blake2b(b"", key=key, person=b"houndd-api", digest_size=32).hexdigest()
+    return _derive_api_token(key)
 
 
 def _check_key(key: object) -> None:
@@ -176,22 +170,7 @@ class Keyring:
         with that key as primary. Raises KeyFileError naming the file and line.
         """
         target = Path(path)
-        raw = read_secret(target)
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise KeyFileError(f"{target}: expected base64 keys, one per line") from None
-        keys: builtins.list[bytes] = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#"):
-                continue
-            try:
-                keys.append(decode_key(stripped))
-            except KeyringError as e:
-                raise KeyFileError(f"{target}:{lineno}: {e}") from None
-        if not keys:
-            raise KeyFileError(f"{target}: no key found; expected base64 keys, one per line")
+        keys = read_cluster_keys(target)
         try:
             return cls(keys[0], keys[1:])
         except KeyringError as e:

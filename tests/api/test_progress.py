@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from platform import python_version
 from typing import Any
 
 import pytest
 
+from houndd import __version__
 from houndd.puller.memory import FakeEngine
 from houndd.wire import Keyring
 from tests.api.harness import RunningDaemon, running_daemon, sample, scrape
@@ -190,7 +192,7 @@ def test_metrics_after_the_plan(
         assert sample(m, "houndd_items", state="pulling") == 0
         assert sample(m, "houndd_items", state="failed") == 0
         # each node counts what its own puller pulled: both images once
-        assert sample(m, "houndd_bytes_pulled_total") == total
+        assert sample(m, "houndd_pulled_bytes_total") == total
 
         assert sample(m, "houndd_pull_duration_seconds_count", outcome="done") == 2
         pull_sum = sample(m, "houndd_pull_duration_seconds_sum", outcome="done")
@@ -202,6 +204,10 @@ def test_metrics_after_the_plan(
         assert sample(m, "houndd_members", state="alive") == 2
         assert sample(m, "houndd_term") >= 1
         assert sample(m, "houndd_fenced_refusals_total") == 0
+        assert sample(m, "houndd_engine_up") == 1
+        assert sample(m, "houndd_build_info", version=__version__, python=python_version()) == 1
+    # exactly one of the two coordinates
+    assert sorted(sample(m, "houndd_is_coordinator") for m in scrapes.values()) == [0, 1]
 
     # the coordinator dispatched the other node's share over the network, once or more
     counts = [sample(m, "houndd_dispatch_latency_seconds_count") for m in scrapes.values()]

@@ -85,23 +85,39 @@ def _loopback_multicast_works() -> bool:
 async def test_two_nodes_find_each_other_over_mdns_on_loopback() -> None:
     if not _loopback_multicast_works():
         pytest.skip("multicast on the loopback interface is unavailable on this host")
-    cfg = local(mdns=True, interfaces=("127.0.0.1",))
+    cfg = local(mdns=True, interfaces=("127.0.0.1",), cluster_name="blue")
     found_a: list[Address] = []
     found_b: list[Address] = []
+    found_c: list[Address] = []
     a = Discovery(
-        cfg, "aaaaaaaaaaaaaaaa", "fp-a", 17481, found_a.append, advertise_host="127.0.0.1"
-    )
+        cfg.replace(node_name="node-a"), "aaaaaaaaaaaaaaaa", "fp-a", 17481, found_a.append,
+        advertise_host="127.0.0.1",
+    )  # fmt: skip
     b = Discovery(
-        cfg, "bbbbbbbbbbbbbbbb", "fp-b", 17482, found_b.append, advertise_host="127.0.0.1"
-    )
-    tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+        cfg.replace(node_name="node-b"), "bbbbbbbbbbbbbbbb", "fp-b", 17482, found_b.append,
+        advertise_host="127.0.0.1",
+    )  # fmt: skip
+    other = Discovery(  # same LAN, another cluster name
+        cfg.replace(node_name="node-c", cluster_name="green"), "cccccccccccccccc", "fp-c", 17483,
+        found_c.append, advertise_host="127.0.0.1",
+    )  # fmt: skip
+    tasks = [asyncio.create_task(d.run()) for d in (a, b, other)]
     try:
         async with asyncio.timeout(15):
             # Polling: the callbacks fill plain lists.
-            while ("127.0.0.1", 17482) not in found_a or ("127.0.0.1", 17481) not in found_b:  # noqa: ASYNC110
+            while (  # noqa: ASYNC110
+                ("127.0.0.1", 17482) not in found_a
+                or ("127.0.0.1", 17481) not in found_b
+                or a.mdns is None
+                or "green" not in a.mdns.other_clusters.values()
+            ):
                 await asyncio.sleep(0.05)
         assert ("127.0.0.1", 17481) not in found_a  # never ourselves
         assert a.mdns is not None and a.mdns.found
+        # the TXT record names the node (what avahi-browse shows) and the cluster
+        assert "node-b" in a.mdns.names.values()
+        assert ("127.0.0.1", 17483) not in found_a + found_b
+        assert ("127.0.0.1", 17481) not in found_c
     finally:
         for t in tasks:
             t.cancel()

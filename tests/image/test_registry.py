@@ -18,13 +18,13 @@ from aiohttp.test_utils import TestServer
 
 from houndd.errors import PullError
 from houndd.image.credentials import RegistryAuth
-from houndd.image.reference import parse_reference
 from houndd.image.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     RegistryClient,
 )
+from houndd.image.trust import RegistryTrust
 from houndd.puller.docker import DockerEngine
 from houndd.puller.executor import WorkItem
 from tests.fixtures.docker import AUTH_USER
@@ -201,15 +201,52 @@ async def test_connection_refused_is_transient_unreachable(client: RegistryClien
     assert (info.value.reason, info.value.transient) == ("registry unreachable", True)
 
 
-def test_scheme_https_unless_loopback_or_insecure() -> None:
-    c = RegistryClient(aiohttp.ClientSession, insecure_registries=["reg.lan:5000"])
-    url = c._base_url
-    assert url(parse_reference("reg.lan:5000/a")) == "http://reg.lan:5000"
-    assert url(parse_reference("127.0.0.1:5000/a")) == "http://127.0.0.1:5000"
-    assert url(parse_reference("localhost:5000/a")) == "http://localhost:5000"
-    assert url(parse_reference("[::1]:5000/a")) == "http://[::1]:5000"
-    assert url(parse_reference("reg.example.com/a")) == "https://reg.example.com"
-    assert url(parse_reference("busybox")) == "https://registry-1.docker.io"
+async def test_scheme_follows_the_override_loopback_and_dockerd() -> None:
+    dockerd_info = {
+        "RegistryConfig": {
+            "InsecureRegistryCIDRs": ["127.0.0.0/8", "10.9.0.0/16", "not a cidr"],
+            "IndexConfigs": {
+                "docker.io": {"Name": "docker.io", "Secure": True},
+                "plain.lan:5000": {"Name": "plain.lan:5000", "Secure": False},
+                "10.9.1.1:5000": {"Name": "10.9.1.1:5000", "Secure": True},
+            },
+        }
+    }
+    looked_up: list[str] = []
+
+    async def lookup(registry: str) -> list[str]:  # no DNS from tests
+        looked_up.append(registry)
+        return {"lab.lan:5000": ["10.9.3.4"]}.get(registry, ["192.0.2.7"])
+
+    c = RegistryClient(
+        aiohttp.ClientSession,
+        insecure_registries=["reg.lan:5000"],
+        trust=lambda: RegistryTrust.from_docker_info(dockerd_info),
+        lookup=lookup,
+    )
+    plain = [("http", True)]
+    unchecked_then_plain = [("https", False), ("http", True)]
+    checked = [("https", True)]
+    assert await c._endpoints("reg.lan:5000") == plain  # the override
+    assert await c._endpoints("127.0.0.1:5000") == plain
+    assert await c._endpoints("localhost:5000") == plain
+    assert await c._endpoints("[::1]:5000") == plain
+    assert await c._endpoints("plain.lan:5000") == unchecked_then_plain  # --insecure-registry
+    assert await c._endpoints("10.9.8.7:5000") == unchecked_then_plain  # in a CIDR
+    assert await c._endpoints("lab.lan:5000") == unchecked_then_plain  # resolves into a CIDR
+    assert await c._endpoints("10.9.1.1:5000") == checked  # named secure beats the CIDR
+    assert await c._endpoints("reg.example.com") == checked
+    assert await c._endpoints("registry-1.docker.io") == checked
+    assert "plain.lan:5000" not in looked_up and "lab.lan:5000" in looked_up
+
+
+def test_trust_from_an_engine_without_registry_config_is_dockerds_default() -> None:
+    trust = RegistryTrust.from_docker_info({"ServerVersion": "20.10"})
+    assert trust.insecure("127.0.0.5:5000") and not trust.insecure("10.0.0.1:5000")
+    odd = RegistryTrust.from_docker_info(
+        {"RegistryConfig": {"InsecureRegistryCIDRs": "x", "IndexConfigs": {"a": {"Secure": 1}}}}
+    )
+    assert odd.insecure_networks == () and odd.secure_by_name == {}
 
 
 # --- the real docker-registry ---------------------------------------------------------------

@@ -123,7 +123,9 @@ def test_foreign_cluster_key_is_never_listed_and_counted_refused(five_mdns: Loca
         text = opener.open(cluster.nodes["n1"].api + "/metrics", timeout=2).read().decode()
         total = 0.0
         for line in text.splitlines():
-            match = re.match(r'houndd_peer_messages_refused\{reason="(\w+)"\} ([0-9.e+]+)', line)
+            match = re.match(
+                r'houndd_peer_messages_refused_total\{reason="(\w+)"\} ([0-9.e+]+)', line
+            )
             if match:
                 total += float(match.group(2))
         return total

@@ -372,3 +372,14 @@ def test_a_suspicion_at_an_absurd_incarnation_is_not_followed_past_the_wire_boun
     (ack,) = sends(acts, Ack)
     pack(schema.encode(ack.payload))  # encodable (the old refutation overflowed here)
     assert all(u.incarnation <= MAX_COUNTER for u in ack.payload.g)
+
+
+def test_member_version_travels_and_records_without_it_are_accepted() -> None:
+    m = member(3, version="0.2.0").replace(node_id=ID)
+    assert schema.decode(Member, schema.encode(m)) == m
+    older = {k: v for k, v in schema.encode(m).items() if k != "ver"}  # gossiped by a 0.1 node
+    assert schema.decode(Member, older).version == ""
+    with pytest.raises(WireError, match=r"ver"):
+        schema.decode(Member, {**schema.encode(m), "ver": "x" * 1000})
+    with pytest.raises(WireError, match=r"ver"):
+        schema.decode(Member, {**schema.encode(m), "ver": 2})

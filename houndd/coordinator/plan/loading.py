@@ -17,6 +17,7 @@ from houndd.coordinator.plan.checks import expect_mapping, key_path, kind_of
 from houndd.coordinator.plan.model import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, PlanSpec
 from houndd.coordinator.plan.validation import validate_plan
 from houndd.errors import PlanError
+from houndd.jsondoc import DuplicateKey, unique_pairs
 
 PlanFormat = Literal["yaml", "json"]
 
@@ -66,28 +67,13 @@ def _construct_strict_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
                 None, None, "unhashable mapping key", key_node.start_mark
             ) from None
         if duplicate:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
     return cast(dict[Any, Any], loader.construct_mapping(node, deep=False))
 
 
 _StrictSafeLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping
 )
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: object) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _json_constant(name: str) -> Any:
@@ -97,18 +83,27 @@ def _json_constant(name: str) -> Any:
 def _loadtext(text: str, fmt: Literal["yaml", "json"]) -> object:
     try:
         if fmt == "json":
-            return json.loads(text, object_pairs_hook=_json_pairs, parse_constant=_json_constant)
+            return json.loads(text, object_pairs_hook=unique_pairs, parse_constant=_json_constant)
         # A subclass of SafeLoader: only plain data, never arbitrary Python objects.
         return yaml.load(text, Loader=_StrictSafeLoader)
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise PlanError(key_path("", e.key) or "document", "duplicate key") from None
     except (RecursionError, _TooDeep):
         raise PlanError("document", "nested too deeply") from None
     except (ValueError, yaml.YAMLError) as e:
         if isinstance(e, PlanError):
             raise
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PlanError("document", f"not valid {fmt.upper()}: {detail[:200]}") from None
+        raise PlanError("document", f"not valid {fmt.upper()}: {_parse_error(e)}") from None
+
+
+def _parse_error(e: Exception) -> str:
+    """What the parser says, with the line and column it stopped at (1-based)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = e.problem or e.context or "syntax error"
+        return f"{what[:200]} (line {mark.line + 1}, column {mark.column + 1})"
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return detail[:200]
 
 
 def parse_plan(
