@@ -24,6 +24,7 @@ from houndd.coordinator.sealed import unseal_credentials
 from houndd.coordinator.submission import Submission
 from houndd.coordinator.views import PlanViews
 from houndd.errors import HounddError
+from houndd.image.credentials import auth_document
 from houndd.image.reference import parse_reference
 from houndd.membership.service import Membership
 
@@ -85,7 +86,7 @@ class KeepPresent:
             }
             credentials = unseal_credentials(self._runtime.keyring, rec.document.sealed_auth)
             if credentials:
-                body["auth"] = {host: cred.to_document() for host, cred in credentials.items()}
+                body["auth"] = auth_document(credentials)
             log.info(
                 "keep-present plan=%s node=%s missing=%d",
                 rec.plan_id, self._membership.local.name, len(missing),

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from houndd.coordinator.plan.validation import validate_auth
 from houndd.errors import HounddError
-from houndd.image.credentials import RegistryCredential
+from houndd.image.credentials import RegistryCredential, auth_document
 from houndd.wire.keyring import Keyring
 
 log = logging.getLogger("houndd.coordinator")
@@ -23,7 +23,7 @@ log = logging.getLogger("houndd.coordinator")
 
 def seal_credentials(keyring: Keyring, credentials: Mapping[str, RegistryCredential]) -> str:
     """`credentials` (registry -> credential) sealed under the primary key, as base64 text."""
-    plain = json.dumps({host: cred.to_document() for host, cred in credentials.items()})
+    plain = json.dumps(auth_document(credentials))
     return base64.b64encode(keyring.seal(plain.encode())).decode()
 
 

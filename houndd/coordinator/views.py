@@ -68,16 +68,6 @@ class PlanViews:
 
     # --- metrics callbacks ------------------------------------------------------------------
 
-    def items_by_state(self) -> dict[tuple[str, ...], float]:
-        """Plan items of every plan by state."""
-        counts: Counter[str] = Counter({s.value: 0 for s in ItemState})
-        if self._runtime.started:
-            replica = self._runtime.core.replica
-            for rec in replica.plans():
-                for res in replica.results(rec.plan_id).values():
-                    counts[res.state.value] += 1
-        return {(k,): float(v) for k, v in counts.items()}
-
     def plans_by_state(self) -> dict[tuple[str, ...], float]:
         """Plans by state."""
         counts: Counter[str] = Counter(dict.fromkeys(PLAN_STATES, 0))

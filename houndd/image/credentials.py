@@ -28,6 +28,7 @@ from houndd.image.reference import (
 __all__ = [
     "RegistryAuth",
     "RegistryCredential",
+    "auth_document",
     "credentials_for",
     "default_docker_config_path",
     "plan_auth",
@@ -85,6 +86,11 @@ class RegistryCredential:
             # Docker's X-Registry-Auth takes a registry token as the identity token of a login.
             return RegistryAuth(username="<token>", password=self.token, server=server)
         return RegistryAuth(self.username or "", self.password or "", server)
+
+
+def auth_document(credentials: Mapping[str, RegistryCredential]) -> dict[str, dict[str, str]]:
+    """A plan's `auth` mapping (registry -> secrets) in clear: seal it before it leaves memory."""
+    return {host: cred.to_document() for host, cred in credentials.items()}
 
 
 def plan_auth(

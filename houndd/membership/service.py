@@ -94,11 +94,6 @@ class Membership:
         """This node's own record."""
         return self._export(self._table.local)
 
-    @property
-    def table(self) -> MemberTable:
-        """The pure core (read-only use: stats, suspicion timers)."""
-        return self._table
-
     def members(self) -> list[Member]:
         """Every known member (any state), this node included."""
         return [self._export(m) for m in self._table.members()]

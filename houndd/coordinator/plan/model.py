@@ -34,8 +34,7 @@ from typing import Any, Literal, NamedTuple
 from houndd.coordinator.plan.checks import integer, kind_of
 from houndd.coordinator.plan.durations import MAX_TIMEOUT_S, format_duration, parse_duration
 from houndd.errors import PlanError
-from houndd.image.credentials import RegistryCredential
-from houndd.image.reference import ImageRef, parse_reference
+from houndd.image.credentials import RegistryCredential, auth_document
 
 # Bounds. Each caps work or memory a hostile or broken body can force on the coordinator.
 MAX_DOCUMENT_BYTES = 1 << 20  # same order as Config.max_http_body_bytes
@@ -222,10 +221,6 @@ class PlanSpec:
             seen.update(dict.fromkeys(imgs))
         return list(seen)
 
-    def references(self) -> dict[str, ImageRef]:
-        """Image (as in the plan) -> its parsed reference."""
-        return {image: parse_reference(image) for image in self.images()}
-
     def to_document(self) -> dict[str, Any]:
         """The canonical, JSON-able document, WITHOUT credentials (see `credentials_document`).
 
@@ -240,7 +235,7 @@ class PlanSpec:
 
     def credentials_document(self) -> dict[str, dict[str, str]]:
         """The `auth` mapping, secrets in clear: seal it before it leaves memory."""
-        return {host: cred.to_document() for host, cred in self.credentials.items()}
+        return auth_document(self.credentials)
 
     def without_credentials(self) -> PlanSpec:
         """This plan with no registry credentials."""
