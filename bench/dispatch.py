@@ -57,10 +57,12 @@ from bench.membership import (  # noqa: E402
 )
 from houndd.config import lan  # noqa: E402
 from houndd.coordinator.election import Role  # noqa: E402
-from houndd.coordinator.messages import Action, Execute, Request  # noqa: E402
+from houndd.coordinator.messages import Action, Dispatch, Execute, Request  # noqa: E402
 from houndd.coordinator.plan import Policy  # noqa: E402
+from houndd.coordinator.records import PlanDocument, PlanItem  # noqa: E402
 from houndd.coordinator.scheduler import Scheduler  # noqa: E402
 from houndd.sim.cluster import Cluster, _Node  # noqa: E402
+from houndd.wire.payloads import msg_type_of  # noqa: E402
 from tests.fixtures.services import start_registry  # noqa: E402
 from tests.procs import http  # noqa: E402
 
@@ -186,15 +188,16 @@ class _DispatchWatch(Cluster):
             if node.core is not None:
                 self._do(node, node.core.membership(everyone - {node.node_id}, names, self.now))
 
-    def _send(self, src: str, dst: str, msg_type: str, payload: Any) -> None:
-        self.sent[msg_type] = self.sent.get(msg_type, 0) + 1
-        super()._send(src, dst, msg_type, payload)
+    def _send(self, src: str, dst: str, payload: Any) -> None:
+        kind = msg_type_of(payload).name
+        self.sent[kind] = self.sent.get(kind, 0) + 1
+        super()._send(src, dst, payload)
 
     def _execute(self, node: _Node, act: Execute) -> None:
         self.executed.setdefault(node.node_id, time.process_time())
 
     def _request(self, node: _Node, req: Request) -> None:
-        if req.msg_type == "DISPATCH" and node.node_id == self.watched:
+        if isinstance(req.payload, Dispatch) and node.node_id == self.watched:
             self.dispatch_targets.add(req.node_id)
             self.coord_cpu_at_dispatch = self.coord_cpu
             self.coord_by_event_at_dispatch = dict(self.coord_by_event)
@@ -210,12 +213,12 @@ class _DispatchWatch(Cluster):
 
     def _timed(self, name: str, fn: Callable[..., list[Action]]) -> Callable[..., list[Action]]:
         def timed(*args: Any, **kw: Any) -> list[Action]:
-            # receive(sender, msg_type, ...) and response(token, sender, msg_type, ...)
+            # receive(sender, payload, ...) and response(token, sender, payload, ...)
             what = name
             if name == "receive":
-                what = f"receive {args[1]}"
+                what = f"receive {msg_type_of(args[1]).name}"
             elif name == "response":
-                what = f"response {args[2]}"
+                what = f"response {msg_type_of(args[2]).name}"
             if self._depth:  # response() calls receive(): count the outermost call only
                 return fn(*args, **kw)
             self._depth += 1
@@ -241,12 +244,13 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
     image = "registry.local:5000/bench/img:1"
     digest = "sha256:" + "ab" * 32
     ids = [f"n{i}" for i in range(n)]  # the simulator's node ids
-    items = tuple((nid, image, digest, 1000) for nid in ids)
+    items = tuple(PlanItem(nid, image, digest, 1000) for nid in ids)
     # The bare scheduler for the same plan, before the simulation fills the heap (and after
     # the previous run's garbage is gone: a gen-2 collection would dominate the number).
     gc.collect()
     t1 = time.process_time()
-    sched = Scheduler(items, Policy(parallelism=n, per_node_parallelism=1), rng=random.Random(seed))
+    work = [(i.node_id, i.image, i.digest, i.size_bytes) for i in items]
+    sched = Scheduler(work, Policy(parallelism=n, per_node_parallelism=1), rng=random.Random(seed))
     acts = sched.start(0.0)
     sched_s = time.process_time() - t1
 
@@ -276,11 +280,13 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     c.watch(coord)
-    doc = {
-        "name": "dispatch",
-        "nodes": {nid: [image] for nid in c.ids},
-        "policy": {"parallelism": n, "per_node_parallelism": 1},
-    }
+    doc = PlanDocument(
+        {
+            "name": "dispatch",
+            "nodes": {nid: [image] for nid in c.ids},
+            "policy": {"parallelism": n, "per_node_parallelism": 1},
+        }
+    )
     sim_t0 = c.now
     c.sent.clear()
     t0 = time.process_time()

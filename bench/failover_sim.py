@@ -1,4 +1,4 @@
-"""Failover time in the deterministic simulator (DESIGN G4).
+"""Failover time in the deterministic simulator (G4, docs/guarantees.md).
 
 For each cluster size, kill a settled coordinator while a plan is running and measure the
 simulated seconds until the next coordinator's first dispatch. Uses the `lan()` timings by

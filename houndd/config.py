@@ -7,16 +7,24 @@ Every field documents its unit in its name and its reason in its docstring-like 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from houndd.errors import ConfigError
+from houndd.names import (
+    MAX_LABELS,
+    MAX_NAME_CHARS,
+    host_problem,
+    label_key_problem,
+    label_value_problem,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/houndd/houndd.toml")
 DEFAULT_PORT = 7480
@@ -38,7 +46,7 @@ def _doc(text: str, **kw: Any) -> Any:
 class Config:
     """Everything a node needs to know. Construct through `lan()`, `local()` or `load()`."""
 
-    # --- identity and placement (the interface contract of DESIGN section 8) ---
+    # --- identity and placement (scripts and operators depend on these names) ---
     node_name: str = _doc("this node's name (default: hostname)", default="")
     state_dir: str = _doc("keys and the SQLite store", default_factory=_default_state_dir)
     bind: str = _doc("address for HTTP (TCP) and gossip (UDP)", default="0.0.0.0")
@@ -280,6 +288,17 @@ def _validate(c: Config) -> None:
         raise ConfigError("election_timeout_min_s", "must not exceed election_timeout_max_s")
     if c.probe_timeout_s >= c.probe_interval_s:
         raise ConfigError("probe_timeout_s", "must be smaller than probe_interval_s")
+    _validate_blobs(c)
+    for seed in c.seeds:
+        host, sep, port = seed.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("seeds", f"expected host:port entries, got {seed!r}")
+    if bool(c.tls_cert_file) != bool(c.tls_key_file):
+        raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
+    _validate_member(c)
+
+
+def _validate_blobs(c: Config) -> None:
     if not 0 <= c.blob_loopback_port < 65536:
         raise ConfigError("blob_loopback_port", f"expected 0..65535, got {c.blob_loopback_port}")
     for key in ("blob_cache_bytes", "blob_fanout", "blob_max_uploads"):
@@ -291,15 +310,24 @@ def _validate(c: Config) -> None:
         raise ConfigError(
             "blob_upload_limit_mbit", f"expected >= 0 (0: no cap), got {c.blob_upload_limit_mbit}"
         )
-    for seed in c.seeds:
-        host, sep, port = seed.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("seeds", f"expected host:port entries, got {seed!r}")
-    if bool(c.tls_cert_file) != bool(c.tls_key_file):
-        raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
+
+
+def _validate_member(c: Config) -> None:
+    """What goes into this node's member record must pass the wire bounds every peer checks,
+    or peers would refuse our gossip."""
+    if len(c.labels) > MAX_LABELS:
+        raise ConfigError("labels", f"at most {MAX_LABELS} labels")
     for k, v in c.labels.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
+        if not isinstance(k, str) or not isinstance(v, str):
             raise ConfigError("labels", "expected a table of string = string")
+        problem = label_key_problem(k) or label_value_problem(v)
+        if problem:
+            raise ConfigError("labels", f"{k[:64]!r}: {problem}")
+    name = c.node_name
+    if name and (len(name) > MAX_NAME_CHARS or not name.isprintable()):
+        raise ConfigError("node_name", f"expected 1..{MAX_NAME_CHARS} printable characters")
+    if c.advertise and host_problem(c.advertise):
+        raise ConfigError("advertise", f"{c.advertise[:64]!r}: {host_problem(c.advertise)}")
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -313,59 +341,81 @@ def _field_types() -> dict[str, Any]:
 def _coerce(key: str, tp: Any, value: Any, *, from_text: bool) -> Any:
     """Check (TOML) or parse (environment, flags) one value against the field's type."""
     origin = typing.get_origin(tp)
-    if tp is bool:
-        if from_text and isinstance(value, str):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected a boolean, got {value!r}")
-    if tp is int:
-        if from_text and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if from_text and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value, from_text)
     if origin is tuple:
-        if from_text and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return _coerce_list(key, value, from_text)
     if origin in (Mapping, dict) or tp is Mapping:
-        if from_text and isinstance(value, str):
-            out: dict[str, str] = {}
-            for part in filter(None, (p.strip() for p in value.split(","))):
-                k, sep, v = part.partition("=")
-                if not sep or not k:
-                    raise ConfigError(key, f"expected k=v[,k=v], got {value!r}")
-                out[k.strip()] = v.strip()
-            return types.MappingProxyType(out)
-        if isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            return types.MappingProxyType(dict(value))
-        raise ConfigError(key, f"expected a table of string = string, got {value!r}")
+        return _coerce_table(key, value, from_text)
     raise ConfigError(key, f"unsupported type {tp!r}")  # a bug in Config, not user input
+
+
+def _coerce_bool(key: str, value: Any, from_text: bool) -> bool:
+    if from_text and isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"expected a boolean, got {value!r}")
+
+
+def _coerce_int(key: str, value: Any, from_text: bool) -> int:
+    if from_text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"expected an integer, got {value!r}")
+
+
+def _coerce_float(key: str, value: Any, from_text: bool) -> float:
+    if from_text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(key, f"expected a number, got {value!r}")
+
+
+def _coerce_str(key: str, value: Any, from_text: bool) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(key, f"expected a string, got {value!r}")
+
+
+_SCALARS: dict[Any, Callable[[str, Any, bool], Any]] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
+
+
+def _coerce_list(key: str, value: Any, from_text: bool) -> tuple[str, ...]:
+    if from_text and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(key, f"expected a list of strings, got {value!r}")
+
+
+def _coerce_table(key: str, value: Any, from_text: bool) -> Mapping[str, str]:
+    if from_text and isinstance(value, str):
+        out: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            k, sep, v = part.partition("=")
+            if not sep or not k:
+                raise ConfigError(key, f"expected k=v[,k=v], got {value!r}")
+            out[k.strip()] = v.strip()
+        return types.MappingProxyType(out)
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return types.MappingProxyType(dict(value))
+    raise ConfigError(key, f"expected a table of string = string, got {value!r}")
 
 
 def load(
@@ -385,30 +435,7 @@ def load(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
-    file_path = (
-        Path(path)
-        if path is not None
-        else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
-    )
-    if file_path.exists():
-        import tomllib  # only when there is a file to read
-
-        try:
-            data = tomllib.loads(file_path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(str(file_path), f"not valid TOML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise ConfigError(str(file_path), f"cannot read: {reason}") from None
-        for key, value in data.items():
-            if key not in types_:
-                raise ConfigError(key, f"unknown key in {file_path}")
-            sources[key] = f"in {file_path}"
-            values[key] = _coerce(key, types_[key], value, from_text=False)
-    elif explicit:
-        raise ConfigError(str(file_path), "config file not found")
-
+    _read_file(path, env, types_, values, sources)
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -442,6 +469,40 @@ def load(
         return local(**values) if preset == "local" else lan(**values)
     except ConfigError as e:
         raise _with_source(e, sources) from None
+
+
+def _read_file(
+    path: str | Path | None,
+    env: Mapping[str, str],
+    types_: Mapping[str, Any],
+    values: dict[str, Any],
+    sources: dict[str, str],
+) -> None:
+    """The TOML file's values into `values` (and where each came from into `sources`)."""
+    explicit = path is not None or bool(env.get(ENV_PREFIX + "CONFIG"))
+    file_path = (
+        Path(path)
+        if path is not None
+        else Path(env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
+    )
+    if not file_path.exists():
+        if explicit:
+            raise ConfigError(str(file_path), "config file not found")
+        return
+    import tomllib  # only when there is a file to read
+
+    try:
+        data = tomllib.loads(file_path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(file_path), f"not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(str(file_path), f"cannot read: {reason}") from None
+    for key, value in data.items():
+        if key not in types_:
+            raise ConfigError(key, f"unknown key in {file_path}")
+        sources[key] = f"in {file_path}"
+        values[key] = _coerce(key, types_[key], value, from_text=False)
 
 
 def _with_source(e: ConfigError, sources: Mapping[str, str]) -> ConfigError:

@@ -13,12 +13,13 @@ import logging
 import os
 import platform
 import random
+import re
 import socket
 import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -29,8 +30,10 @@ from houndd.api.app import make_app
 from houndd.api.problems import ProblemError
 from houndd.blobs import BlobSharing
 from houndd.config import Config
+from houndd.coordinator.local import LocalWork
+from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.service import CoordinatorService
-from houndd.coordinator.store import Store
+from houndd.coordinator.store import SqliteStore
 from houndd.discovery import Discovery, default_route_address
 from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
@@ -38,15 +41,20 @@ from houndd.image.credentials import RegistryAuth
 from houndd.image.registry import RegistryClient
 from houndd.image.trust import RegistryTrust
 from houndd.keyfiles import load_or_create_boot_epoch
+from houndd.membership.bus import Bus
+from houndd.membership.keyring_ops import KEYRING_OPS, ClusterKeyring, KeyringOpError
+from houndd.membership.labels import Labels
 from houndd.membership.member import Member, MemberState
+from houndd.membership.messages import KeyringOpName
 from houndd.membership.service import Membership
 from houndd.membership.transport import PeerRejected, UdpHttpTransport
 from houndd.metrics import Metrics
 from houndd.puller.docker import DockerEngine
 from houndd.puller.engine import Engine, EngineInfo, PruneReport, PullProgress
-from houndd.puller.executor import Executor, ItemReport
+from houndd.puller.executor import Executor, ItemReport, WorkItem
 from houndd.puller.memory import FakeEngine
-from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token
+from houndd.wire import Keyring, NodeIdentity, Wire, derive_api_token, schema
+from houndd.wire.fields import MAX_COUNTER, MAX_SHORT_TEXT_CHARS, MAX_TEXT_CHARS
 
 log = logging.getLogger("houndd.daemon")
 
@@ -142,6 +150,65 @@ class CountingEngine:
         await self._engine.close()
 
 
+class LocalPuller:
+    """The puller of this node (its `Executor` and engine), adapted to the coordinator's
+    `LocalExecutor` protocol: the coordinator package never imports the puller."""
+
+    def __init__(self, executor: Executor, engine: Engine) -> None:
+        self._executor = executor
+        self._engine = engine
+
+    def submit(
+        self, plan_id: str, items: Sequence[LocalWork], *, per_node_parallelism: int
+    ) -> None:
+        work = [
+            WorkItem(
+                op=i.op,
+                image=i.image,
+                digest=i.digest,
+                attempt=i.attempt,
+                timeout_s=i.timeout_s,
+                pull_policy=i.pull_policy,
+                auth=i.auth,
+                peers=i.peers,
+            )
+            for i in items
+        ]
+        self._executor.submit(plan_id, work, per_node_parallelism=per_node_parallelism)
+
+    def abort(self, plan_id: str, images: Sequence[str] | None = None) -> None:
+        self._executor.abort(plan_id, images)
+
+    def forget(self, plan_id: str) -> None:
+        self._executor.forget(plan_id)
+
+    async def has_image(self, ref: str) -> str | None:
+        return await self._engine.has_image(ref)
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_REPORT_STATES = {"pulling": ItemState.PULLING, "done": ItemState.DONE, "failed": ItemState.FAILED}
+
+
+def report_result(report: ItemReport) -> ItemResult:
+    """The result a puller report stands for, within the bounds peers accept on the wire
+    (an engine's error text can be long; a digest it reports must have the digest shape)."""
+    digest = report.digest if _DIGEST.fullmatch(report.digest) else ""
+    return ItemResult(
+        state=_REPORT_STATES[report.state],
+        attempt=report.attempt,
+        digest=digest,
+        bytes_done=max(0, report.bytes_done),
+        bytes_total=max(0, report.bytes_total),
+        reason=report.reason[:MAX_SHORT_TEXT_CHARS],
+        detail=report.detail[:MAX_TEXT_CHARS],
+        started_at=report.started_at,
+        finished_at=report.finished_at,
+        skipped=report.skipped,
+        transient=report.transient,
+    )
+
+
 def advertise_host(config: Config) -> str:
     if config.advertise:
         return config.advertise
@@ -168,7 +235,6 @@ class Daemon:
         self._engine_override = engine
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
-        self._stop_reason = ""
         self.ready = asyncio.Event()
         self.engine_info: EngineInfo | None = None
         self.engine_error = "not checked yet"
@@ -178,12 +244,15 @@ class Daemon:
         self.wire: Wire
         self.keyring: Keyring
         self.transport: UdpHttpTransport
+        self.bus: Bus
         self.membership: Membership
+        self.labels: Labels
+        self.cluster_keys: ClusterKeyring
         self.discovery: Discovery
         self.engine: Engine
         self.executor: Executor
         self.registry: RegistryClient
-        self.store: Store
+        self.store: SqliteStore
         self.service: CoordinatorService
         self.blobs: BlobSharing | None = None
 
@@ -193,7 +262,6 @@ class Daemon:
         """Begin an orderly shutdown (safe to call more than once)."""
         if not self._stop.is_set():
             log.info("stopping reason=%s", reason)
-            self._stop_reason = reason
             self._stop.set()
 
     async def _start(self) -> None:
@@ -213,7 +281,7 @@ class Daemon:
             started_at=time.time(),
         )
         host = advertise_host(config)
-        self.store = Store(config.db_path)
+        self.store = SqliteStore(config.db_path)
         self.store.open()  # sqlite objects stay on the loop thread
 
         raw_engine = self._engine_override or make_engine(config.effective_docker_host)
@@ -229,16 +297,19 @@ class Daemon:
             host=host,
             port=self.transport.port,
             labels=dict(config.labels),
-            kernel=info.kernel if info else platform.release(),
-            os=info.os if info else platform.platform(),
-            docker_version=info.server_version if info else "",
-            free_disk_bytes=(info.free_disk_bytes or 0) if info else 0,
             incarnation=int(time.time() * 1000),  # outranks what we gossiped before a restart
             version=__version__,
+            **_engine_metadata(info),
         )
-        self.membership = Membership(
-            config, self.wire, self.transport, local, rng=self._rng, keyring=keyring
+        self.bus = Bus(
+            config,
+            self.wire,
+            self.transport,
+            on_handler_error=lambda kind: self.metrics.peer_handler_errors.labels(kind).inc(),
         )
+        self.membership = Membership(config, self.bus, local, rng=self._rng)
+        self.labels = Labels(config, self.bus, self.membership)
+        self.cluster_keys = ClusterKeyring(config, self.bus, self.membership, keyring)
         self.discovery = Discovery(
             config,
             self.wire.node_id,
@@ -265,16 +336,17 @@ class Daemon:
         )
         self.service = CoordinatorService(
             config,
+            bus=self.bus,
             membership=self.membership,
             store=self.store,
-            executor=self.executor,
+            local=LocalPuller(self.executor, self.engine),
             registry=self.registry,
             metrics=self.metrics,
             keyring=keyring,
-            engine=self.engine,
             rng=self._rng,
         )
         self.service.start()
+        await self.labels.restore()
         self._watch_metrics()
 
         app = make_app(self, max_body_bytes=config.max_http_body_bytes)
@@ -331,13 +403,14 @@ class Daemon:
             self.ready.set()
             notify_systemd("READY=1")
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.bus.run())
                 tg.create_task(self.membership.run())
                 tg.create_task(self.discovery.run())
                 tg.create_task(self.executor.run())
                 if self.blobs is not None:
                     tg.create_task(self.blobs.run())
                 tg.create_task(self.service.run())
-                tg.create_task(self.service.keep_present_loop())
+                tg.create_task(self.service.keep_present.run())
                 tg.create_task(self._engine_loop())
                 tg.create_task(self._join_seeds())
                 tg.create_task(self._join_window())
@@ -413,12 +486,7 @@ class Daemon:
             await self._refresh_engine()
             info = self.engine_info
             if info is not None and (before is None or before != info):
-                self.membership.update_local(
-                    docker_version=info.server_version,
-                    kernel=info.kernel,
-                    os=info.os,
-                    free_disk_bytes=info.free_disk_bytes or 0,
-                )
+                self.membership.update_local(**_engine_metadata(info))
 
     def _watch_metrics(self) -> None:
         def members() -> dict[tuple[str, ...], float]:
@@ -433,6 +501,8 @@ class Daemon:
             }
             for reason, n in self.transport.dropped.items():
                 out[(reason,)] = out.get((reason,), 0.0) + n
+            # Authentic messages whose payload does not fit its schema (a cluster-key holder's).
+            out[("payload",)] = out.get(("payload",), 0.0) + self.bus.dropped["payload"]
             return out
 
         def items() -> dict[tuple[str, ...], float]:
@@ -461,7 +531,7 @@ class Daemon:
         )
         self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
-            "houndd_plans", "plans by state", ("state",), self.service.plans_by_state
+            "houndd_plans", "plans by state", ("state",), self.service.views.plans_by_state
         )
         self.metrics.watch(
             "houndd_is_coordinator", "1 if this node coordinates now, else 0", (), is_coordinator
@@ -516,7 +586,13 @@ class Daemon:
 
     def _on_report(self, report: ItemReport) -> None:
         # the executor is built before the service it reports to
-        self.service.on_report(report)
+        if report.state == "done" and report.op == "pull" and not report.skipped:
+            self.metrics.bytes_pulled.inc(report.bytes_total)
+        if report.state in ("done", "failed") and report.started_at and report.finished_at:
+            self.metrics.pull_duration.labels(report.state).observe(
+                max(0.0, report.finished_at - report.started_at)
+            )
+        self.service.on_report(report.plan_id, report.image, report_result(report))
 
     # --- NodeApi -------------------------------------------------------------------------------
 
@@ -602,12 +678,12 @@ class Daemon:
         return self._member_json(m) if m else None
 
     async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:
-        result = await self.membership.set_labels(name, labels)
+        result = await self.labels.set(name, labels)
         return {"name": name, "labels": result}
 
     async def keys(self, op: str, key: bytes | None) -> dict[str, Any]:
         if op == "list":
-            listing = await self.membership.keyring_fingerprints()
+            listing = await self.cluster_keys.fingerprints()
             nodes: dict[str, Any] = {}
             for node, value in listing.items():
                 if isinstance(value, str):
@@ -615,13 +691,13 @@ class Daemon:
                 else:
                     nodes[node] = {"keys": value}
             return {"op": op, "nodes": nodes}
-        results = await self.membership.keyring_op(op, key)  # type: ignore[arg-type]
+        results = await self.cluster_keys.apply(_keyring_op(op), key)
         return {"op": op, "nodes": {n: {"error": err} if err else {} for n, err in results.items()}}
 
     async def submit_plan(self, body: bytes, content_type: str) -> dict[str, Any]:
-        result = await self.service.submit(body, content_type)
+        accepted = await self.service.submit(body, content_type)
         self.metrics.plans_submitted.inc()
-        return result
+        return schema.encode(accepted)
 
     def plans(self) -> list[dict[str, Any]]:
         return self.service.plans()
@@ -651,7 +727,7 @@ class Daemon:
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    async def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
         events = self.service.events(plan_id)
         try:
             async for event in events:
@@ -662,7 +738,7 @@ class Daemon:
                 else:
                     yield event
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
     async def peer(self, data: bytes, source: str | None) -> bytes:
         try:
@@ -683,6 +759,23 @@ class Daemon:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
+
+
+def _engine_metadata(info: EngineInfo | None) -> dict[str, Any]:
+    """What the member record says about this node's engine, clipped to the wire's bounds."""
+    return {
+        "kernel": (info.kernel if info else platform.release())[:MAX_SHORT_TEXT_CHARS],
+        "os": (info.os if info else platform.platform())[:MAX_SHORT_TEXT_CHARS],
+        "docker_version": (info.server_version if info else "")[:MAX_SHORT_TEXT_CHARS],
+        "free_disk_bytes": min(max(0, (info.free_disk_bytes or 0) if info else 0), MAX_COUNTER),
+    }
+
+
+def _keyring_op(op: str) -> KeyringOpName:
+    for name in KEYRING_OPS:
+        if name == op:
+            return name
+    raise KeyringOpError(f"unknown keyring op {op!r}")
 
 
 def _http_error(status: int, text: str) -> web.HTTPException:

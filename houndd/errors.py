@@ -41,10 +41,6 @@ class PlanError(HounddError, ValueError):
         self.reason = message
 
 
-class FencedError(HounddError):
-    """A coordinator message carried a term lower than the highest one seen."""
-
-
 class NoCoordinatorError(HounddError, TimeoutError):
     """No coordinator is known yet (election in progress); retry later."""
 

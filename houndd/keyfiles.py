@@ -38,7 +38,7 @@ def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
     target = Path(path)
     parent = target.parent
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _atomic_write(target, data, mode=0o600)
+    atomic_write(target, data, mode=0o600)
 
 
 def read_secret(path: str | os.PathLike[str]) -> bytes:
@@ -145,11 +145,13 @@ def load_or_create_boot_epoch(state_dir: str | os.PathLike[str]) -> int:
             f"write a number larger than any epoch this node used before"
         )
     epoch = int(text) + 1
-    _atomic_write(path, f"{epoch}\n".encode("ascii"), mode=0o600)
+    atomic_write(path, f"{epoch}\n".encode("ascii"), mode=0o600)
     return epoch
 
 
-def _atomic_write(target: Path, data: bytes, *, mode: int) -> None:
+def atomic_write(target: Path, data: bytes, *, mode: int) -> None:
+    """Replace `target` with `data` so that a crash leaves the old or the new file, never a
+    mix: write a temp file, fsync it, rename it over the target, fsync the directory."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, mode)

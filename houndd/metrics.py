@@ -80,6 +80,13 @@ class Metrics:
             "pulls this node's Docker engine was asked to start (after dedupe and IfNotPresent)",
             registry=r,
         )
+        self.peer_handler_errors = Counter(
+            "houndd_peer_handler_errors",
+            "peer messages (and coordinator steps) whose handling raised, by type; each was "
+            "dropped and the daemon kept running",
+            ["type"],
+            registry=r,
+        )
         self.term = Gauge("houndd_term", "highest election term this node has seen", registry=r)
         Info("houndd_build", "version of houndd and Python on this node", registry=r).info(
             {"version": __version__, "python": platform.python_version()}

@@ -65,6 +65,11 @@ def test_load_toml_env_and_overrides_in_order(tmp_path: Path) -> None:
         ("mdns = 3", "mdns", "boolean"),
         ("labels = 3", "labels", "table"),
         ("plan_replicas = 0", "plan_replicas", ">= 1"),
+        # What peers would refuse in our member record is refused here already.
+        ('labels = { "has space" = "x" }', "labels", "letters, digits"),
+        (f'labels = {{ k = "{"v" * 254}" }}', "labels", "at most 253"),
+        ('node_name = "tab\\there"', "node_name", "printable"),
+        ('advertise = "bad host!"', "advertise", "RFC 1123"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:

@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -33,7 +33,7 @@ from houndd.errors import (
     ReplicationError,
 )
 from houndd.jsondoc import DuplicateKey, unique_pairs
-from houndd.membership.member import MAX_LABELS
+from houndd.names import MAX_LABELS, label_key_problem, label_value_problem
 
 log = logging.getLogger("houndd.api")
 
@@ -55,7 +55,7 @@ class NodeApi(Protocol):
     def plans(self) -> list[dict[str, Any]]: ...
     def plan(self, plan_id: str) -> dict[str, Any] | None: ...
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
-    def plan_events(self, plan_id: str) -> AsyncIterator[dict[str, Any]]: ...
+    def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]: ...
     async def peer(self, data: bytes, source: str | None) -> bytes: ...
     async def peer_blob(self, request: web.Request) -> web.StreamResponse: ...
     def metrics_text(self) -> tuple[bytes, str]: ...
@@ -109,7 +109,7 @@ def _status_of(e: HounddError) -> tuple[int, str]:
     return 409, "conflict"
 
 
-class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
     """The logger aiohttp's request handler writes to.
 
     A request aiohttp cannot parse (a control character in a header, a bad request line) is the
@@ -226,9 +226,9 @@ async def node_labels(request: web.Request) -> web.Response:
             400, "invalid body", f"a node carries at most {MAX_LABELS} labels", field="labels"
         )
     for k, v in labels.items():
-        if not k or len(k) > 63 or not all(c.isalnum() or c in "-_./" for c in k):
+        if label_key_problem(k):
             raise ProblemError(400, "invalid label", f"bad label key {k!r}", field=f"labels.{k}")
-        if v is not None and (not isinstance(v, str) or len(v) > 253):
+        if v is not None and (not isinstance(v, str) or label_value_problem(v)):
             raise ProblemError(
                 400, "invalid label", "a value is a string (<= 253) or null", field=f"labels.{k}"
             )
@@ -315,7 +315,7 @@ async def plan_events(request: web.Request) -> web.StreamResponse:
         # the client went away; the stream is ours to end
         pass
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     return resp
 
 

@@ -26,13 +26,13 @@ from houndd.blobs.protocol import (
     BlobRequest,
     FrameDecoder,
     FrameEncoder,
-    check_request,
 )
 from houndd.blobs.source import BlobContext, BlobWant, SourceError
 from houndd.blobs.tree import Source
 from houndd.errors import PullError, WireError
 from houndd.image.credentials import RegistryAuth
 from houndd.wire import MsgType, Wire, WireRefused, schema
+from houndd.wire.payloads import decode_payload
 
 __all__ = ["PEER_BLOB_PATH", "PeerBlobServer", "PeerClient", "UploadLimiter"]
 
@@ -121,8 +121,7 @@ class PeerBlobServer:
             env = self._wire.open(data, self._clock(), max_size=self._max_request_bytes)
             if env.type is not MsgType.BLOB_GET:
                 raise WireError(f"expected BLOB_GET, got {env.type.name}")
-            req = schema.decode(BlobRequest, env.payload)
-            check_request(req)
+            req = decode_payload(MsgType.BLOB_GET, env.payload)
         except WireRefused as e:
             status = 403 if e.reason in ("unknown_key", "decrypt", "signature", "cluster") else 401
             return _problem(status, "refused", e.reason)

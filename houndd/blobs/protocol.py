@@ -20,23 +20,26 @@ Errors before the stream starts are HTTP statuses: 404 not held (complete-only r
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
 from houndd.errors import WireError
 from houndd.image.reference import InvalidReference, parse_reference
+from houndd.wire.fields import MAX_IMAGE_CHARS, NodeId, PlanId
+from houndd.wire.payloads import message
+from houndd.wire.schema import Check, Match, Range, Size
+from houndd.wire.types import MsgType
 
 __all__ = [
     "FRAME_PLAIN_BYTES",
     "BlobRequest",
     "FrameDecoder",
     "FrameEncoder",
-    "check_request",
 ]
 
 FRAME_PLAIN_BYTES = 1 << 16
@@ -48,59 +51,59 @@ MAX_NODES = 10_000
 MAX_CHAIN = 64
 """Caps the relay chain; a tree of fanout >= 2 over MAX_NODES nodes is 14 deep."""
 MAX_BLOB_BYTES = 1 << 42
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
-_NODE_ID = re.compile(r"[0-9a-f]{1,64}", re.ASCII)
 
 
+Key = Annotated[bytes, Size(SecretBox.KEY_SIZE, SecretBox.KEY_SIZE)]
+NodeList = Annotated[tuple[NodeId, ...], Size(0, MAX_NODES)]
+Chain = Annotated[tuple[NodeId, ...], Size(0, MAX_CHAIN)]
+BlobDigest = Annotated[str, Match(r"sha256:[0-9a-f]{64}", "a digest (sha256: and 64 hex)")]
+BlobSize = Annotated[int, Range(0, MAX_BLOB_BYTES)]
+
+
+def repository_problem(value: str) -> str | None:
+    """None if `value` is `registry/repository` (no tag, no digest), else what is wrong."""
+    try:
+        ref = parse_reference(value)
+    except InvalidReference:
+        return "expected an image repository"
+    if f"{ref.registry}/{ref.repository}" != value:
+        return "expected registry/repository without tag or digest"
+    return None
+
+
+Repository = Annotated[
+    str, Size(1, MAX_IMAGE_CHARS), Check(repository_problem, "registry/repository")
+]
+
+
+@message(MsgType.BLOB_GET)
 @dataclass(frozen=True)
 class BlobRequest:
     """What a node asks a peer for. Credentials are those of the plan (or empty: the server
     uses its own), as readable to members as the plan's sealed credentials already are."""
 
-    digest: str
-    size: int
-    offset: int
+    digest: BlobDigest
+    size: BlobSize
+    offset: BlobSize
     through: bool  # may the server fetch it for us, or only serve a complete copy
-    plan: str
-    name: str  # the image's repository at its origin: `registry/repository` (BlobContext.name)
-    image: str  # manifest digest the blob belongs to
-    nodes: tuple[str, ...]  # the nodes that need the image (the tree's members)
-    chain: tuple[str, ...]  # nodes already waiting on this request: never ask them back
-    key: bytes
-    username: str = ""
-    password: str = ""
+    plan: PlanId
+    name: Repository  # the image's repository at its origin: `registry/repository`
+    image: BlobDigest  # manifest digest the blob belongs to
+    nodes: NodeList  # the nodes that need the image (the tree's members)
+    chain: Chain  # nodes already waiting on this request: never ask them back
+    key: Key
+    username: Annotated[str, Size(0, 1024)] = ""
+    password: Annotated[str, Size(0, 8192)] = ""
+
+    def __post_init__(self) -> None:
+        if self.offset > self.size:
+            raise ValueError("offset: beyond the blob's size")
 
     def __repr__(self) -> str:  # never show the key or the password
         return (
             f"BlobRequest(digest={self.digest!r}, offset={self.offset}, size={self.size}, "
             f"through={self.through}, plan={self.plan!r}, name={self.name!r})"
         )
-
-
-def check_request(req: BlobRequest) -> None:
-    """Range and format checks a schema cannot express; WireError names the field."""
-    if not _DIGEST.fullmatch(req.digest):
-        raise WireError("digest: expected sha256:<64 hex>")
-    if not _DIGEST.fullmatch(req.image):
-        raise WireError("image: expected sha256:<64 hex>")
-    if not 0 <= req.size <= MAX_BLOB_BYTES:
-        raise WireError("size: out of range")
-    if not 0 <= req.offset <= req.size:
-        raise WireError("offset: out of range")
-    if len(req.key) != SecretBox.KEY_SIZE:
-        raise WireError("key: expected 32 bytes")
-    if len(req.nodes) > MAX_NODES or not all(_NODE_ID.fullmatch(n) for n in req.nodes):
-        raise WireError("nodes: expected at most 10000 node ids")
-    if len(req.chain) > MAX_CHAIN or not all(_NODE_ID.fullmatch(n) for n in req.chain):
-        raise WireError("chain: expected at most 64 node ids")
-    if len(req.plan) > 64 or len(req.username) > 1024 or len(req.password) > 8192:
-        raise WireError("plan, username or password too long")
-    try:
-        ref = parse_reference(req.name)
-    except InvalidReference:
-        raise WireError("name: not an image repository") from None
-    if f"{ref.registry}/{ref.repository}" != req.name:
-        raise WireError("name: expected registry/repository without tag or digest")
 
 
 def _nonce(counter: int) -> bytes:

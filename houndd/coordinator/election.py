@@ -1,6 +1,6 @@
 """Term-numbered coordinator election with fencing: a pure state machine.
 
-Availability first (DESIGN section 6): no quorum of the configured cluster is needed, only a
+Availability first (docs/guarantees.md): no quorum of the configured cluster is needed, only a
 majority of the members the candidate currently sees alive, so a two-node cluster fails over to
 the survivor and both sides of a partition keep warming images.
 
@@ -33,8 +33,11 @@ Rules:
   election for a new term at once. Followers of the smaller one fence the larger one for that
   term, so the larger one must move to a new term for everyone to accept it.
 - Fencing (`admit`): a coordinator message is accepted if its term is higher than the fencing
-  term (adopted and persisted), or equal with the same coordinator. Refusals are counted in
-  `fenced_count` for the shell to log and export.
+  term (adopted and persisted), or equal with the same coordinator. A refusal answers the
+  sender with FENCED, which the shell counts.
+- Terms above `MAX_ADOPTED_TERM` are ignored: adopting one would leave no room for the next
+  elections below the wire's bound, so a single message from a buggy or hostile key holder
+  could otherwise wedge every later election.
 """
 
 from __future__ import annotations
@@ -56,8 +59,13 @@ from houndd.coordinator.messages import (
     VoteReply,
     VoteRequest,
 )
+from houndd.wire.fields import MAX_COUNTER
 
 log = logging.getLogger("houndd.coordinator")
+
+MAX_ADOPTED_TERM = MAX_COUNTER - 2**20
+"""The highest term a node adopts from a peer: a million elections of room below the bound
+every peer checks terms against."""
 
 
 class Role(StrEnum):
@@ -115,7 +123,6 @@ class Election:
         self._next_heartbeat_at = now
         self._votes: set[str] = set()
         self._electorate: frozenset[str] = frozenset()
-        self.fenced_count = 0
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -203,7 +210,7 @@ class Election:
 
     def on_heartbeat(self, sender: str, hb: Heartbeat, now: float) -> list[Action]:
         """A coordinator announced itself."""
-        if sender != hb.coordinator or sender == self.node_id:
+        if sender != hb.coordinator or sender == self.node_id or hb.term > MAX_ADOPTED_TERM:
             return []
         actions, _ = self._admit(hb.term, hb.coordinator, now)
         return actions
@@ -218,10 +225,14 @@ class Election:
             # Our own message echoed back (e.g. by anti-entropy): fine only in our own term.
             ok = self.role is Role.COORDINATOR and term == self.term
             return [], ok
+        if term > MAX_ADOPTED_TERM:
+            return [], False
         return self._admit(term, coordinator, now)
 
     def on_fenced(self, sender: str, notice: Fenced, now: float) -> list[Action]:
         """Someone refused our coordinator message and told us its fencing record."""
+        if notice.term > MAX_ADOPTED_TERM:
+            return []
         if notice.term > self.highest_term:
             actions: list[Action] = []
             if notice.term > self.term:
@@ -240,9 +251,9 @@ class Election:
 
     def on_vote_request(self, sender: str, req: VoteRequest, now: float) -> list[Action]:
         """A candidate asks for our vote. The actions end with the `Reply`."""
-        if req.candidate != sender or sender == self.node_id:
+        if req.candidate != sender or sender == self.node_id or req.term > MAX_ADOPTED_TERM:
             return []
-        refuse: list[Action] = [Reply("VOTE_REPLY", VoteReply(self.term, self.node_id, False))]
+        refuse: list[Action] = [Reply(VoteReply(self.term, self.node_id, False))]
         if req.term <= self.highest_term or req.term < self.term:
             return refuse
         if self.coordinator_live(now) and self.accepted != sender:
@@ -259,12 +270,12 @@ class Election:
             # Give the candidate time to win before we stand ourselves.
             self._election_at = now + self._election_delay()
         actions.append(self._persist())
-        actions.append(Reply("VOTE_REPLY", VoteReply(self.term, self.node_id, granted)))
+        actions.append(Reply(VoteReply(self.term, self.node_id, granted)))
         return actions
 
     def on_vote_reply(self, sender: str, reply: VoteReply, now: float) -> list[Action]:
         """A voter answered."""
-        if reply.voter != sender:
+        if reply.voter != sender or reply.term > MAX_ADOPTED_TERM:
             return []
         if reply.term > self.term:
             self.term, self.voted_for = reply.term, None
@@ -295,11 +306,10 @@ class Election:
             self._heard_at = now
             self._election_at = None
             return actions, True
-        self.fenced_count += 1
         if verdict is Verdict.OTHER and self.role is Role.COORDINATOR:
             return self._contested(coordinator, now), False
         notice = Fenced(self.highest_term, self.accepted or "")
-        return [Send(coordinator, "FENCED", notice)], False
+        return [Send(coordinator, notice)], False
 
     def _verdict(self, term: int, coordinator: str) -> Verdict:
         if term > self.highest_term:
@@ -326,9 +336,7 @@ class Election:
         log.info("election started term=%d electorate=%d", self.term, len(self._electorate))
         actions: list[Action] = [self._persist()]
         request = VoteRequest(self.term, self.node_id)
-        actions.extend(
-            Send(n, "VOTE_REQUEST", request) for n in sorted(self._electorate - {self.node_id})
-        )
+        actions.extend(Send(n, request) for n in sorted(self._electorate - {self.node_id}))
         actions.extend(self._maybe_win(now))
         return actions
 
@@ -353,7 +361,7 @@ class Election:
 
     def _heartbeats(self) -> list[Action]:
         hb = Heartbeat(self.term, self.node_id)
-        return [Send(n, "HEARTBEAT", hb) for n in sorted(self._alive or ())]
+        return [Send(n, hb) for n in sorted(self._alive or ())]
 
     def _election_delay(self) -> float:
         return self._rng.uniform(self._cfg.election_timeout_min_s, self._cfg.election_timeout_max_s)

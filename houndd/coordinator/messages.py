@@ -1,275 +1,263 @@
-"""Payloads the coordinator core exchanges with peers, and the actions it asks its shell to do.
+"""Payloads the coordinator side exchanges with peers, and the actions its core returns.
 
-Payloads are frozen dataclasses made only of str, int, float, bool, None, tuples, dicts with
-str keys, and other payload dataclasses, so they are msgpack/JSON-able as they are.
-`to_wire(payload)` / `from_wire(msg_type, obj)` convert to and from plain maps with strict
-decoding (unknown or missing fields raise `WireError`). Message type names are the names of
-`houndd.wire.MsgType` members; the shell maps them with `MsgType[name]`.
+Each payload class is the one payload of its `MsgType` (registered with `houndd.wire.payloads`)
+and carries the replicated records themselves (`houndd.coordinator.records`): a plan, a cancel
+or a result is the same object in the replica, on the wire and in the store. Every field is
+bounded, so a decoded payload is safe to act on.
+
+The forward protocol is typed too: a non-coordinator forwards a client's submission
+(PLAN_FORWARD) and gets either the accepted plan or a `Refusal` whose `kind` the API maps to
+HTTP (invalid plan: 400 naming the field; not the coordinator: retry; replication failed: 503).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-from houndd.errors import WireError
+from houndd.coordinator.plan.model import MAX_DOCUMENT_BYTES
+from houndd.coordinator.records import (
+    CancelRecord,
+    Group,
+    PlanRecord,
+    ResultRecord,
+    Selector,
+    Unresolved,
+)
+from houndd.coordinator.replica import MAX_ABORTED, MAX_PLANS
+from houndd.coordinator.scheduler import DispatchItem
+from houndd.wire.fields import (
+    MAX_ITEMS,
+    Counter,
+    ImageName,
+    Name,
+    NodeId,
+    NodeIdOrNone,
+    PlanId,
+    ShortText,
+    Text,
+)
+from houndd.wire.payloads import message, msg_type_of
+from houndd.wire.schema import Size, wire_name
+from houndd.wire.types import MsgType
 
-# --- payloads -----------------------------------------------------------------------------
+MAX_DIGESTS = MAX_PLANS + MAX_ABORTED
+"""Entries of an anti-entropy digest: every plan and tombstone a node may keep."""
+
+Items = Annotated[tuple[DispatchItem, ...], Size(0, MAX_ITEMS)]
+Images = Annotated[tuple[ImageName, ...], Size(0, MAX_ITEMS)]
+ResultList = Annotated[tuple[ResultRecord, ...], Size(0, MAX_ITEMS)]
+Digests = Annotated[dict[PlanId, ShortText], Size(0, MAX_DIGESTS)]
+
+# --- election ---------------------------------------------------------------------------------
 
 
+@message(MsgType.HEARTBEAT)
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Coordinator -> every alive member, every heartbeat_interval_s."""
 
-    term: int
-    coordinator: str
+    term: Counter
+    coordinator: NodeId
 
 
+@message(MsgType.FENCED)
 @dataclass(frozen=True, slots=True)
 class Fenced:
-    """Reply to a coordinator message that was refused: the fencing record of the refuser."""
+    """Reply to a coordinator message that was refused: the fencing record of the refuser
+    (`coordinator` is empty when it accepted none yet)."""
 
-    term: int
-    coordinator: str
+    term: Counter
+    coordinator: NodeIdOrNone
 
 
+@message(MsgType.VOTE_REQUEST)
 @dataclass(frozen=True, slots=True)
 class VoteRequest:
     """Candidate -> electorate."""
 
-    term: int
-    candidate: str
+    term: Counter
+    candidate: NodeId
 
 
+@message(MsgType.VOTE_REPLY)
 @dataclass(frozen=True, slots=True)
 class VoteReply:
     """Voter -> candidate. `term` is the voter's current term after handling the request."""
 
-    term: int
-    voter: str
+    term: Counter
+    voter: NodeId
     granted: bool
 
 
-@dataclass(frozen=True, slots=True)
-class PlanItemWire:
-    """One (node, image) of a plan, with its resolved digest and size."""
-
-    node_id: str
-    image: str
-    digest: str
-    size_bytes: int
+# --- replication --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PlanWire:
-    """A plan record as it travels: immutable document, items, acceptance time, commit flag."""
-
-    plan_id: str
-    document: Mapping[str, Any]
-    items: tuple[PlanItemWire, ...]
-    accepted_at: float
-    committed: bool
-
-
+@message(MsgType.PLAN_PUT)
 @dataclass(frozen=True, slots=True)
 class PlanPut:
     """Coordinator -> replicas: store this plan durably, then answer PlanAck."""
 
-    term: int
-    coordinator: str
-    plan: PlanWire
+    term: Counter
+    coordinator: NodeId
+    plan: PlanRecord
 
 
+@message(MsgType.PLAN_ACK)
 @dataclass(frozen=True, slots=True)
 class PlanAck:
     """Replica -> coordinator, sent only after the plan is on disk."""
 
-    plan_id: str
-    node: str
+    plan_id: PlanId
+    node: NodeId
     ok: bool
 
 
+@message(MsgType.PLAN_ABORT)
 @dataclass(frozen=True, slots=True)
 class PlanAbort:
     """Coordinator -> everyone: drop this tentative plan (it was never acknowledged)."""
 
-    term: int
-    coordinator: str
-    plan_id: str
+    term: Counter
+    coordinator: NodeId
+    plan_id: PlanId
 
 
-@dataclass(frozen=True, slots=True)
-class PlanForward:
-    """Any node -> coordinator: a client submitted this plan to me (the shell handles it)."""
-
-    plan_id: str
-    document: Mapping[str, Any]
-    items: tuple[PlanItemWire, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PlanReply:
-    """Coordinator -> forwarding node: the outcome of a forwarded submission."""
-
-    plan_id: str
-    ok: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchItemWire:
-    """One image a worker should pull now."""
-
-    image: str
-    digest: str
-    attempt: int
-    timeout_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """Coordinator -> worker: pull these items of this plan (fenced by term + coordinator)."""
-
-    term: int
-    coordinator: str
-    plan_id: str
-    items: tuple[DispatchItemWire, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AbortItems:
-    """Coordinator -> worker: stop these images of a plan (fenced like a dispatch)."""
-
-    term: int
-    coordinator: str
-    plan_id: str
-    images: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchReply:
-    """Worker -> coordinator: accepted, or refused with a reason (fenced, unknown plan)."""
-
-    plan_id: str
-    node: str
-    accepted: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResultEntry:
-    """One result of the lattice, keyed by (plan, node, image); `result` is ItemResult.to_dict()."""
-
-    plan_id: str
-    node_id: str
-    image: str
-    result: Mapping[str, Any]
-
-
+@message(MsgType.RESULTS)
 @dataclass(frozen=True, slots=True)
 class Results:
     """Results travelling worker -> coordinator and coordinator -> everyone."""
 
-    entries: tuple[ResultEntry, ...]
+    entries: ResultList
 
 
-@dataclass(frozen=True, slots=True)
-class ResultsAck:
-    """Receipt for Results (how many entries were merged)."""
-
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class CancelWire:
-    """A cancel record: immutable plan documents are cancelled by a separate record."""
-
-    plan_id: str
-    cancelled_at: float
-
-
+@message(MsgType.SYNC_DIGEST)
 @dataclass(frozen=True, slots=True)
 class SyncDigest:
     """Anti-entropy round start: plan_id -> hash of everything known about that plan."""
 
-    digests: Mapping[str, str]
+    digests: Digests
 
 
+@message(MsgType.SYNC_ITEMS)
 @dataclass(frozen=True, slots=True)
 class SyncItems:
     """What the other side lacks; `digests` (when set) asks the receiver to push back."""
 
-    plans: tuple[PlanWire, ...]
-    cancels: tuple[CancelWire, ...]
-    aborted: tuple[str, ...]
-    results: tuple[ResultEntry, ...]
-    digests: Mapping[str, str] | None = None
+    plans: Annotated[tuple[PlanRecord, ...], Size(0, MAX_PLANS)]
+    cancels: Annotated[tuple[CancelRecord, ...], Size(0, MAX_PLANS)]
+    aborted: Annotated[tuple[PlanId, ...], Size(0, MAX_ABORTED)]
+    results: ResultList
+    digests: Digests | None = None
 
 
+@message(MsgType.CANCEL)
 @dataclass(frozen=True, slots=True)
 class Cancel:
     """Any node -> everyone: the plan is cancelled."""
 
-    cancel: CancelWire
+    cancel: CancelRecord
 
 
+@message(MsgType.CANCEL_REPLY)
 @dataclass(frozen=True, slots=True)
 class CancelReply:
     """Receipt for Cancel."""
 
-    plan_id: str
+    plan_id: PlanId
     ok: bool
 
 
-Payload = (
-    Heartbeat
-    | Fenced
-    | VoteRequest
-    | VoteReply
-    | PlanPut
-    | PlanAck
-    | PlanAbort
-    | PlanForward
-    | PlanReply
-    | Dispatch
-    | DispatchReply
-    | AbortItems
-    | Results
-    | ResultsAck
-    | SyncDigest
-    | SyncItems
-    | Cancel
-    | CancelReply
-)
+# --- dispatch -----------------------------------------------------------------------------------
 
-#: Message type name (a `houndd.wire.MsgType` member name) -> payload class.
-PAYLOADS: dict[str, type[Any]] = {
-    "HEARTBEAT": Heartbeat,
-    "FENCED": Fenced,
-    "VOTE_REQUEST": VoteRequest,
-    "VOTE_REPLY": VoteReply,
-    "PLAN_PUT": PlanPut,
-    "PLAN_ACK": PlanAck,
-    "PLAN_ABORT": PlanAbort,
-    "PLAN_FORWARD": PlanForward,
-    "PLAN_REPLY": PlanReply,
-    "DISPATCH": Dispatch,
-    "DISPATCH_REPLY": DispatchReply,
-    "ABORT": AbortItems,
-    "RESULTS": Results,
-    "RESULTS_ACK": ResultsAck,
-    "SYNC_DIGEST": SyncDigest,
-    "SYNC_ITEMS": SyncItems,
-    "CANCEL": Cancel,
-    "CANCEL_REPLY": CancelReply,
-}
-MSG_TYPE: dict[type[Any], str] = {cls: name for name, cls in PAYLOADS.items()}
 
-# --- actions (core -> shell) --------------------------------------------------------------
+@message(MsgType.DISPATCH)
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Coordinator -> worker: pull these items of this plan (fenced by term + coordinator)."""
+
+    term: Counter
+    coordinator: NodeId
+    plan_id: PlanId
+    items: Items
+
+
+@message(MsgType.DISPATCH_REPLY)
+@dataclass(frozen=True, slots=True)
+class DispatchReply:
+    """Worker -> coordinator: accepted, or refused with a reason (fenced, unknown plan)."""
+
+    plan_id: PlanId
+    node: NodeId
+    accepted: bool
+    reason: ShortText
+
+
+@message(MsgType.ABORT)
+@dataclass(frozen=True, slots=True)
+class AbortItems:
+    """Coordinator -> worker: stop these images of a plan (fenced like a dispatch)."""
+
+    term: Counter
+    coordinator: NodeId
+    plan_id: PlanId
+    images: Images
+
+
+# --- submission ---------------------------------------------------------------------------------
+
+
+@message(MsgType.PLAN_FORWARD)
+@dataclass(frozen=True, slots=True)
+class PlanForward:
+    """Any node -> coordinator: a client submitted this body to `via`."""
+
+    body: Annotated[bytes, Size(1, MAX_DOCUMENT_BYTES)]
+    content_type: ShortText
+    via: Name
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An accepted submission, as the client sees it (the API's 201 body)."""
+
+    plan_id: PlanId = field(metadata=wire_name("id"))
+    name: Name
+    action: Literal["pull", "remove", "prune"]
+    groups: Annotated[tuple[Group, ...], Size(0, MAX_ITEMS)]
+    unknown_nodes: Annotated[tuple[Name, ...], Size(0, MAX_ITEMS)]
+    empty_selectors: Annotated[tuple[Selector, ...], Size(0, MAX_ITEMS)]
+    unresolved: Annotated[dict[ImageName, Unresolved], Size(0, MAX_ITEMS)]
+    coordinator: Name
+
+
+RefusalKind = Literal["invalid-plan", "not-coordinator", "replication-failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the coordinator did not accept a forwarded plan. `field` names the offending
+    field of an invalid plan."""
+
+    kind: RefusalKind
+    reason: Text = ""
+    field: ShortText = ""
+
+
+@message(MsgType.PLAN_FORWARD_REPLY)
+@dataclass(frozen=True, slots=True)
+class PlanForwardReply:
+    """Coordinator -> forwarding node: exactly one of `accepted` and `refusal`."""
+
+    accepted: Accepted | None = None
+    refusal: Refusal | None = None
+
+    def __post_init__(self) -> None:
+        if (self.accepted is None) == (self.refusal is None):
+            raise ValueError("a forward reply carries either accepted or refusal")
+
+
+# --- actions (core -> shell) --------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +265,12 @@ class Send:
     """Send a datagram (best effort)."""
 
     node_id: str
-    msg_type: str
     payload: Any
+
+    @property
+    def msg_type(self) -> MsgType:
+        """The message type of the payload."""
+        return msg_type_of(self.payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,17 +278,25 @@ class Request:
     """Send a request; the shell calls `NodeCore.response(token, ...)` or `request_failed`."""
 
     node_id: str
-    msg_type: str
     payload: Any
     token: int
+
+    @property
+    def msg_type(self) -> MsgType:
+        """The message type of the payload."""
+        return msg_type_of(self.payload)
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The answer to the message being handled (request response, or a datagram back)."""
 
-    msg_type: str
     payload: Any
+
+    @property
+    def msg_type(self) -> MsgType:
+        """The message type of the payload."""
+        return msg_type_of(self.payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +311,7 @@ class Execute:
     """Local executor: pull these items of a plan."""
 
     plan_id: str
-    items: tuple[DispatchItemWire, ...]
+    items: tuple[DispatchItem, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,83 +332,3 @@ class AckClient:
 
 
 Action = Send | Request | Reply | Persist | Execute | AbortLocal | AckClient
-
-# --- codec --------------------------------------------------------------------------------
-
-
-def to_wire(value: Any) -> Any:
-    """Payload dataclass -> plain msgpack/JSON-able value (tuples become lists)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [to_wire(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): to_wire(v) for k, v in value.items()}
-    return value
-
-
-def from_wire(msg_type: str, obj: Any) -> Any:
-    """Decode a plain value into the payload class of `msg_type`; WireError if it does not fit."""
-    cls = PAYLOADS.get(msg_type)
-    if cls is None:
-        raise WireError(f"unknown coordinator message type {msg_type!r}")
-    return _decode(cls, obj, msg_type)
-
-
-_MAX_DEPTH = 32
-
-
-def _decode(tp: Any, obj: Any, where: str, depth: int = 0) -> Any:
-    if depth > _MAX_DEPTH:
-        raise WireError(f"{where}: nested too deeply")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(obj, Mapping):
-            raise WireError(f"{where}: expected a map")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = set(obj) - set(fields)
-        if unknown:
-            raise WireError(f"{where}: unknown fields {sorted(map(str, unknown))}")
-        kwargs: dict[str, Any] = {}
-        for name, f in fields.items():
-            if name not in obj:
-                if f.default is not dataclasses.MISSING:
-                    continue
-                raise WireError(f"{where}: missing field {name!r}")
-            kwargs[name] = _decode(hints[name], obj[name], f"{where}.{name}", depth + 1)
-        return tp(**kwargs)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if obj is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _decode(inner[0], obj, where, depth + 1)
-    if origin is tuple:
-        if not isinstance(obj, list | tuple):
-            raise WireError(f"{where}: expected a list")
-        return tuple(_decode(args[0], v, f"{where}[]", depth + 1) for v in obj)
-    if origin is Mapping or tp is Mapping:
-        if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-            raise WireError(f"{where}: expected a map with string keys")
-        value_type = args[1] if args else Any
-        return {k: _decode(value_type, v, f"{where}.{k}", depth + 1) for k, v in obj.items()}
-    if tp is Any:
-        return obj
-    if tp is bool:
-        if not isinstance(obj, bool):
-            raise WireError(f"{where}: expected a boolean")
-        return obj
-    if tp is int:
-        if not isinstance(obj, int) or isinstance(obj, bool):
-            raise WireError(f"{where}: expected an integer")
-        return obj
-    if tp is float:
-        if not isinstance(obj, int | float) or isinstance(obj, bool):
-            raise WireError(f"{where}: expected a number")
-        return float(obj)
-    if tp is str:
-        if not isinstance(obj, str):
-            raise WireError(f"{where}: expected a string")
-        return obj
-    raise WireError(f"{where}: unsupported type {tp!r}")  # a bug in a payload class

@@ -21,14 +21,21 @@ coordinator, feeds to the scheduler.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
 
+from houndd.coordinator.records import (
+    AbortRecord,
+    CancelRecord,
+    PlanItem,
+    PlanRecord,
+    Record,
+    ResultRecord,
+)
 from houndd.coordinator.results import ItemResult, merge
 
 log = logging.getLogger("houndd.coordinator")
@@ -46,58 +53,16 @@ MAX_ABORTED = 10_000
 #: Caps one plan's fan-out (nodes x images).
 MAX_PLAN_ITEMS = 100_000
 
-
-class PlanItem(NamedTuple):
-    """One (node, image) of a plan with its resolved digest and size."""
-
-    node_id: str
-    image: str
-    digest: str
-    size_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class PlanRecord:
-    """An accepted plan. `document` never changes; `committed` turns on once acknowledged."""
-
-    plan_id: str
-    document: Mapping[str, Any]
-    items: tuple[PlanItem, ...]
-    accepted_at: float
-    committed: bool
-
-    def content_hash(self) -> str:
-        """Hash of the immutable part (document and items)."""
-        blob = json.dumps([self.document, self.items], sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRecord:
-    """The plan was cancelled at `cancelled_at` (first cancel wins)."""
-
-    plan_id: str
-    cancelled_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class AbortRecord:
-    """Tombstone: the tentative plan was never acknowledged and must not run."""
-
-    plan_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResultRecord:
-    """One merged result of the lattice."""
-
-    plan_id: str
-    node_id: str
-    image: str
-    result: ItemResult
-
-
-Record = PlanRecord | CancelRecord | AbortRecord | ResultRecord
+__all__ = [
+    "AbortRecord",
+    "CancelRecord",
+    "PlanItem",
+    "PlanRecord",
+    "Record",
+    "ReplicaState",
+    "ResultRecord",
+    "SyncBatch",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +239,6 @@ class ReplicaState:
             if len(self._plans) >= self._max_plans:
                 log.warning("plan refused: store full plan=%s", rec.plan_id)
                 return []
-            rec = PlanRecord(
-                rec.plan_id,
-                rec.document,
-                tuple(PlanItem(*i) for i in rec.items),
-                rec.accepted_at,
-                rec.committed,
-            )
             self._plans[rec.plan_id] = _PlanState(
                 rec, rec.content_hash(), wanted=frozenset((i.node_id, i.image) for i in rec.items)
             )
@@ -291,8 +249,7 @@ class ReplicaState:
             log.warning("plan body conflict ignored plan=%s", rec.plan_id)
             return []
         if rec.committed and not st.record.committed:
-            old = st.record
-            st.record = PlanRecord(old.plan_id, old.document, old.items, old.accepted_at, True)
+            st.record = dataclasses.replace(st.record, committed=True)
             st.digest = None
             return [st.record]
         return []

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from houndd.wire import schema
+from houndd.wire.fields import Counter, Digest, ShortText, Text, Timestamp
+
 
 class ItemState(StrEnum):
     """Lifecycle of one image on one node within one plan."""
@@ -69,14 +72,14 @@ class ItemResult:
     """
 
     state: ItemState = ItemState.PENDING
-    attempt: int = 0
-    digest: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-    reason: str = ""
-    detail: str = ""
-    started_at: float | None = None
-    finished_at: float | None = None
+    attempt: Counter = 0
+    digest: Digest = ""
+    bytes_done: Counter = 0
+    bytes_total: Counter = 0
+    reason: ShortText = ""
+    detail: Text = ""
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     skipped: bool = False
     transient: bool = False
 
@@ -114,68 +117,13 @@ class ItemResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (for the wire and the store)."""
-        return {
-            "state": self.state.value,
-            "attempt": self.attempt,
-            "digest": self.digest,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "reason": self.reason,
-            "detail": self.detail,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "skipped": self.skipped,
-            "transient": self.transient,
-        }
+        """JSON-able form (the wire's map; the store and the API use it too)."""
+        return schema.encode(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ItemResult:
-        """Inverse of `to_dict`; raises ValueError/KeyError/TypeError on malformed input."""
-        if set(d) != _FIELDS:
-            raise ValueError(f"ItemResult fields mismatch: {sorted(set(d) ^ _FIELDS)}")
-        return cls(
-            state=ItemState(d["state"]),
-            attempt=_int(d["attempt"]),
-            digest=_str(d["digest"]),
-            bytes_done=_int(d["bytes_done"]),
-            bytes_total=_int(d["bytes_total"]),
-            reason=_str(d["reason"]),
-            detail=_str(d["detail"]),
-            started_at=_opt_float(d["started_at"]),
-            finished_at=_opt_float(d["finished_at"]),
-            skipped=_bool(d["skipped"]),
-            transient=_bool(d["transient"]),
-        )
-
-
-_FIELDS = frozenset(ItemResult.__dataclass_fields__)
-
-
-def _int(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"expected an integer, got {type(v).__name__}")
-    return v
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"expected a boolean, got {type(v).__name__}")
-    return v
-
-
-def _opt_float(v: Any) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise TypeError(f"expected a number or null, got {type(v).__name__}")
-    return float(v)
+    def from_dict(cls, d: object) -> ItemResult:
+        """Inverse of `to_dict`, strict; `SchemaError` (a ValueError) on malformed input."""
+        return schema.decode(cls, d)
 
 
 def merge(a: ItemResult, b: ItemResult) -> ItemResult:

@@ -1,6 +1,6 @@
 """The pure pull scheduler: which image goes to which node, and when.
 
-It improves on the paper's Algorithm 1 thread loop (DESIGN section 7):
+It improves on the paper's Algorithm 1 thread loop:
 
 - one work queue per node, largest image first (the long pulls start early, so the plan's
   makespan is not decided by a big image started last);
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, cast
 
 from houndd.coordinator.plan import Policy
+from houndd.wire.fields import Counter, Digest, Duration, ImageName
 
 __all__ = [
     "NODE_UNAVAILABLE",
@@ -103,12 +104,13 @@ class RestoredItem(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class DispatchItem:
-    """One image of a dispatch: pull `image` at `digest`; the node enforces `timeout_s`."""
+    """One image of a dispatch: pull `image` at `digest`; the node enforces `timeout_s`.
+    The same object travels in DISPATCH, so its fields carry the wire's bounds."""
 
-    image: str
-    digest: str
-    attempt: int
-    timeout_s: float
+    image: ImageName
+    digest: Digest
+    attempt: Counter
+    timeout_s: Duration
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,37 +1,41 @@
-"""SQLite store of the coordinator core's durable state.
+"""The durable state of a node's core: the `Store` protocol and its SQLite implementation.
 
-One file (stdlib sqlite3, WAL, `PRAGMA synchronous=FULL`): election term/vote and fencing record,
-plans, cancels, abort tombstones, results and the boot epoch. `NodeCore` emits `Persist(records)`
-actions; the shell calls `Store.apply(action)` (one transaction, fsync'd on commit) before it
-carries out any later action, and `Store.load()` rebuilds the core after a restart.
+`NodeCore` emits `Persist(records)` actions; the shell calls `Store.apply(action)` (one
+transaction, durable on return) before it carries out any later action, and `Store.load()`
+rebuilds the core after a restart. `SqliteStore` keeps one file (stdlib sqlite3, WAL,
+`PRAGMA synchronous=FULL`): election term/vote and fencing record, plans, cancels, abort
+tombstones and results. `MemoryStore` (`coordinator/memory.py`) is the in-memory fake the
+simulator uses; one conformance suite runs against both.
 
-Registry credentials never reach the file in clear text: a plan document's `auth` mapping is
-sealed with NaCl SecretBox under the key given to the constructor and kept in its own column;
-without a key, storing a document that carries `auth` is refused.
+Plan documents carry no registry credentials in clear: those are sealed with the cluster key by
+the submission (`PlanDocument.sealed_auth`) before a record exists.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from nacl.secret import SecretBox
+from typing import Any, Protocol
 
 from houndd.coordinator.election import ElectionRecord
 from houndd.coordinator.messages import Persist
-from houndd.coordinator.replica import (
+from houndd.coordinator.records import (
     AbortRecord,
     CancelRecord,
+    PlanDocument,
     PlanItem,
     PlanRecord,
     Record,
     ResultRecord,
 )
 from houndd.coordinator.results import ItemResult
+from houndd.errors import HounddError
+from houndd.wire import schema
+
+log = logging.getLogger("houndd.coordinator")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS election (
@@ -39,7 +43,7 @@ CREATE TABLE IF NOT EXISTS election (
     term INTEGER NOT NULL, voted_for TEXT, highest_term INTEGER NOT NULL, accepted TEXT
 );
 CREATE TABLE IF NOT EXISTS plans (
-    plan_id TEXT PRIMARY KEY, document TEXT NOT NULL, auth_sealed BLOB, items TEXT NOT NULL,
+    plan_id TEXT PRIMARY KEY, document TEXT NOT NULL, items TEXT NOT NULL,
     accepted_at REAL NOT NULL, committed INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cancels (plan_id TEXT PRIMARY KEY, cancelled_at REAL NOT NULL);
@@ -48,7 +52,6 @@ CREATE TABLE IF NOT EXISTS results (
     plan_id TEXT NOT NULL, node_id TEXT NOT NULL, image TEXT NOT NULL, result TEXT NOT NULL,
     PRIMARY KEY (plan_id, node_id, image)
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -60,14 +63,31 @@ class PersistedState:
     records: list[Record] = field(default_factory=list)
 
 
-class Store:
-    """The durable state of one node. Not thread-safe: one owner (the daemon's shell)."""
+class Store(Protocol):
+    """Where a node's core keeps what must survive a restart."""
 
-    def __init__(self, path: str | Path, *, secret_key: bytes | None = None) -> None:
+    def apply(self, action: Persist) -> None:
+        """Write the records of a `Persist` action atomically; durable when it returns
+        (except progress-only results, which a worker re-derives after a crash)."""
+        ...
+
+    def load(self) -> PersistedState:
+        """Everything applied so far, as `NodeCore(..., persisted=...)` takes it: the latest
+        election record; each plan once (committed wins) unless tombstoned afterwards; the
+        last cancel and the last result applied per plan and per (plan, node, image)."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+        ...
+
+
+class SqliteStore:
+    """The durable state of one node in SQLite. Not thread-safe: one owner (the daemon's
+    shell)."""
+
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._box: Any = None
-        if secret_key is not None:
-            self._box = SecretBox(secret_key)
         self._db: sqlite3.Connection | None = None
         self._sync = "FULL"
 
@@ -91,7 +111,7 @@ class Store:
             self._db.close()
             self._db = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> SqliteStore:
         self.open()
         return self
 
@@ -108,9 +128,9 @@ class Store:
 
     # --- writes --------------------------------------------------------------------------------
 
-    def apply(self, action: Persist | Iterable[Any]) -> None:
+    def apply(self, action: Persist) -> None:
         """Write the records of a `Persist` action in one durable transaction."""
-        records = action.records if isinstance(action, Persist) else tuple(action)
+        records = action.records
         db = self.db
         # Progress (a pull's bytes, "pulling") is re-derived from the worker after a crash,
         # so it need not wait for an fsync; plans, votes, fencing and outcomes do (G1, G3).
@@ -132,16 +152,6 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={mode}")
             self._sync = mode
 
-    def next_boot_epoch(self) -> int:
-        """Increment and return the boot epoch (persisted, +1 per start)."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        row = db.execute("SELECT value FROM meta WHERE key = 'boot_epoch'").fetchone()
-        epoch = (row[0] if row else 0) + 1
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot_epoch', ?)", (epoch,))
-        db.execute("COMMIT")
-        return epoch
-
     def _write(self, db: sqlite3.Connection, rec: Any) -> None:
         if isinstance(rec, ElectionRecord):
             db.execute(
@@ -150,25 +160,16 @@ class Store:
                 (rec.term, rec.voted_for, rec.highest_term, rec.accepted),
             )
         elif isinstance(rec, PlanRecord):
-            document = dict(rec.document)
-            auth = document.pop("auth", None)
-            sealed = None
-            if auth is not None:
-                if self._box is None:
-                    raise ValueError(
-                        "plan document carries registry credentials; give Store a secret_key"
-                    )
-                sealed = bytes(self._box.encrypt(json.dumps(auth).encode()))
+            items = [[i.node_id, i.image, i.digest, i.size_bytes] for i in rec.items]
             db.execute("DELETE FROM aborted WHERE plan_id = ?", (rec.plan_id,))
             db.execute(
-                "INSERT INTO plans (plan_id, document, auth_sealed, items, accepted_at, committed)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (plan_id) DO UPDATE SET"
+                "INSERT INTO plans (plan_id, document, items, accepted_at, committed)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (plan_id) DO UPDATE SET"
                 " committed = max(committed, excluded.committed)",
                 (
                     rec.plan_id,
-                    json.dumps(document, sort_keys=True),
-                    sealed,
-                    json.dumps([list(i) for i in rec.items]),
+                    json.dumps(schema.encode(rec.document), sort_keys=True),
+                    json.dumps(items),
                     rec.accepted_at,
                     int(rec.committed),
                 ),
@@ -194,7 +195,9 @@ class Store:
     # --- reads ---------------------------------------------------------------------------------
 
     def load(self) -> PersistedState:
-        """Everything persisted, in an order `ReplicaState.restore` accepts."""
+        """Everything persisted, in an order `ReplicaState.restore` accepts. A row that no
+        longer decodes (written by another version, or damaged) is skipped with a warning:
+        anti-entropy brings the plan back from the other replicas."""
         db = self.db
         state = PersistedState()
         row = db.execute(
@@ -204,16 +207,16 @@ class Store:
             state.election = ElectionRecord(row[0], row[1], row[2], row[3])
         for (pid,) in db.execute("SELECT plan_id FROM aborted ORDER BY rowid"):
             state.records.append(AbortRecord(pid))
-        for pid, doc, sealed, items, accepted_at, committed in db.execute(
-            "SELECT plan_id, document, auth_sealed, items, accepted_at, committed FROM plans"
+        for pid, doc, items, accepted_at, committed in db.execute(
+            "SELECT plan_id, document, items, accepted_at, committed FROM plans"
             " ORDER BY accepted_at, plan_id"
         ):
-            document = json.loads(doc)
-            if sealed is not None:
-                if self._box is None:
-                    raise ValueError("stored plan has sealed credentials; give Store the key")
-                document["auth"] = json.loads(self._box.decrypt(sealed))
-            plan_items = tuple(PlanItem(*i) for i in json.loads(items))
+            try:
+                document = schema.decode(PlanDocument, json.loads(doc))
+                plan_items = tuple(PlanItem(*i) for i in json.loads(items))
+            except (HounddError, ValueError, TypeError) as e:
+                log.warning("stored plan unreadable, skipped plan=%s error=%s", pid, e)
+                continue
             state.records.append(
                 PlanRecord(pid, document, plan_items, accepted_at, bool(committed))
             )
@@ -222,7 +225,10 @@ class Store:
         for pid, node, image, result in db.execute(
             "SELECT plan_id, node_id, image, result FROM results ORDER BY plan_id, node_id, image"
         ):
-            state.records.append(
-                ResultRecord(pid, node, image, ItemResult.from_dict(json.loads(result)))
-            )
+            try:
+                decoded = ItemResult.from_dict(json.loads(result))
+            except (HounddError, ValueError) as e:
+                log.warning("stored result unreadable, skipped plan=%s error=%s", pid, e)
+                continue
+            state.records.append(ResultRecord(pid, node, image, decoded))
         return state

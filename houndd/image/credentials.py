@@ -1,7 +1,10 @@
-"""Registry credentials from the Docker client config file (`auths` entries, base64).
+"""Registry credentials: the one place where an image's credentials are looked up.
 
-Credential helpers (`credsStore`, `credHelpers`) are not run: a daemon should not execute
-whatever a config file names. Plans can carry credentials instead.
+Two sources: a plan's `auth` section (`RegistryCredential` per registry, found with
+`plan_auth`) and the Docker client config file (`auths` entries, base64, found with
+`credentials_for`). Credential helpers (`credsStore`, `credHelpers`) are not run: a daemon
+should not execute whatever a config file names. Both give a `RegistryAuth`, what the registry
+client and the engine take.
 """
 
 from __future__ import annotations
@@ -11,12 +14,25 @@ import binascii
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from houndd.image.reference import DOCKER_HUB_REGISTRY, normalize_registry
+from houndd.image.reference import (
+    DOCKER_HUB_REGISTRY,
+    ImageRef,
+    normalize_registry,
+    parse_reference,
+)
 
-__all__ = ["RegistryAuth", "credentials_for", "default_docker_config_path"]
+__all__ = [
+    "RegistryAuth",
+    "RegistryCredential",
+    "auth_document",
+    "credentials_for",
+    "default_docker_config_path",
+    "plan_auth",
+]
 
 log = logging.getLogger("houndd.puller")
 
@@ -38,6 +54,54 @@ class RegistryAuth:
         return f"RegistryAuth(username={self.username!r}, password='***', server={self.server!r})"
 
     __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class RegistryCredential:
+    """A plan's credentials for one registry: username + password, or a bearer token.
+
+    Secrets never appear in `repr()` or `str()`, so a logged object leaks nothing.
+    """
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        if self.token is not None:
+            return "RegistryCredential(token=<hidden>)"
+        return f"RegistryCredential(username={self.username!r}, password=<hidden>)"
+
+    __str__ = __repr__
+
+    def to_document(self) -> dict[str, str]:
+        """The secret mapping (`{username, password}` or `{token}`); seal before storing."""
+        if self.token is not None:
+            return {"token": self.token}
+        return {"username": self.username or "", "password": self.password or ""}
+
+    def auth(self, server: str) -> RegistryAuth:
+        """As the engine and the registry client take it."""
+        if self.token is not None:
+            # Docker's X-Registry-Auth takes a registry token as the identity token of a login.
+            return RegistryAuth(username="<token>", password=self.token, server=server)
+        return RegistryAuth(self.username or "", self.password or "", server)
+
+
+def auth_document(credentials: Mapping[str, RegistryCredential]) -> dict[str, dict[str, str]]:
+    """A plan's `auth` mapping (registry -> secrets) in clear: seal it before it leaves memory."""
+    return {host: cred.to_document() for host, cred in credentials.items()}
+
+
+def plan_auth(
+    image: str | ImageRef, credentials: Mapping[str, RegistryCredential]
+) -> RegistryAuth | None:
+    """The plan's credentials (registry host -> credential) for the registry of `image`."""
+    if not credentials:
+        return None
+    ref = parse_reference(image) if isinstance(image, str) else image
+    cred = credentials.get(ref.registry)
+    return None if cred is None else cred.auth(ref.registry)
 
 
 def default_docker_config_path() -> Path:

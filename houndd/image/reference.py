@@ -161,12 +161,7 @@ class ImageRef:
         return self.name
 
 
-def parse_reference(s: str, *, field: str = "image") -> ImageRef:
-    """Parse an image reference the way `docker pull` does.
-
-    Raises `InvalidReference(field, reason)` (a `PlanError`), so a plan validator passes the
-    field path (`targets[0].images[1]`) and the error names it.
-    """
+def _check_reference_text(s: object, field: str) -> None:
     if not isinstance(s, str):
         raise InvalidReference(field, f"expected an image reference string, got {type(s).__name__}")
     if not s:
@@ -178,6 +173,14 @@ def parse_reference(s: str, *, field: str = "image") -> ImageRef:
             field, "a 64-hex-digit image ID is not a reference; use name@sha256:<id>"
         )
 
+
+def parse_reference(s: str, *, field: str = "image") -> ImageRef:
+    """Parse an image reference the way `docker pull` does.
+
+    Raises `InvalidReference(field, reason)` (a `PlanError`), so a plan validator passes the
+    field path (`targets[0].images[1]`) and the error names it.
+    """
+    _check_reference_text(s, field)
     rest, at, digest = s.partition("@")
     if at:
         parse_digest(digest, field=field)

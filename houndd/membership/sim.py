@@ -15,12 +15,11 @@ import heapq
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import msgpack
+from typing import Any, TypeVar
 
 from houndd.config import Config, lan
 from houndd.membership.member import Address, Member, MemberState
+from houndd.membership.messages import SwimPayload
 from houndd.membership.state import (
     Action,
     Event,
@@ -33,6 +32,10 @@ from houndd.membership.state import (
     StateChanged,
     Tick,
 )
+from houndd.wire.codec import pack, unpack
+from houndd.wire.payloads import decode_payload, encode_payload
+
+P = TypeVar("P", bound=SwimPayload)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class Simulation:
     """`n` nodes named `node-<i>` at addresses `("10.0.<i/256>.<i%256>", 7480)`.
 
     `loss`, `duplicate` are datagram probabilities; `delay` a (low, high) one-way delay in
-    seconds. `encode=True` round-trips every payload through msgpack (realistic byte counts,
-    catches unencodable payloads) at some speed cost.
+    seconds. `encode=True` round-trips every payload through the wire schema and msgpack
+    (realistic byte counts; catches payloads peers would refuse) at some speed cost.
     """
 
     def __init__(
@@ -218,14 +221,15 @@ class Simulation:
         self._carry_out(i, actions, reply_to)
         self._schedule_tick(i)
 
-    def _wire(self, i: int, payload: dict[str, Any]) -> dict[str, Any]:
+    def _wire(self, i: int, payload: P) -> P:
         node = self.nodes[i]
         node.messages_sent += 1
         if not self.encode:
             return payload
-        data = msgpack.packb(payload)
+        msg_type, body = encode_payload(payload)
+        data = pack(body)
         node.bytes_sent += len(data)
-        decoded: dict[str, Any] = msgpack.unpackb(data)
+        decoded: P = decode_payload(msg_type, unpack(data, len(data)))
         return decoded
 
     def _carry_out(self, i: int, actions: list[Action], reply_to: int | None) -> None:
@@ -242,18 +246,18 @@ class Simulation:
                 for _ in range(copies):
                     if self.rng.random() < self.loss:
                         continue
-                    ev = Received(me.node_id, me.address, a.msg, payload)
+                    ev = Received(me.node_id, me.address, payload)
                     self._push(self.now + self.rng.uniform(*self.delay), "event", to, ev)
             elif isinstance(a, Request):
                 payload = self._wire(i, a.payload)
                 to = self._by_address.get(a.to)
                 if to is None or not self._linked(i, to):
                     continue
-                ev = Received(me.node_id, me.address, a.msg, payload)
+                ev = Received(me.node_id, me.address, payload)
                 self._push(self.now + self.rng.uniform(*self.delay), "request", to, (ev, i))
             elif isinstance(a, Reply) and reply_to is not None:
                 payload = self._wire(i, a.payload)
                 if not self._linked(i, reply_to):
                     continue
-                ev = Received(me.node_id, me.address, a.msg, payload)
+                ev = Received(me.node_id, me.address, payload)
                 self._push(self.now + self.rng.uniform(*self.delay), "event", reply_to, ev)

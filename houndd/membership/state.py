@@ -15,44 +15,56 @@ Protocol (memberlist/Lifeguard model):
   sent `retransmit_limit` times;
 - periodic push-pull: a full state exchange with one random member (also how nodes join).
 
-Message payloads (msgpack maps, values are `SwimMsg`, equal to `houndd.wire.types.MsgType`):
-
-    PING       {"seq", "target", "g"}        ACK  {"seq", "g"}      NACK {"seq", "g"}
-    PING_REQ   {"seq", "target", "host", "port", "g"}               GOSSIP {"g"}
-    PUSH_PULL  {"join", "members"}           PUSH_PULL_REPLY {"members"}
-    update "g" items: {"s": alive|suspect|dead, "id", "inc", "by", "m": member | None}
+Messages are the typed payloads of `houndd.membership.messages` (Ping, PingReq, Ack, Nack,
+Gossip, PushPull, PushPullReply), already decoded and bounded by the wire schema; the gossip
+unit is `Update`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
-import msgpack
-
 from houndd.config import Config
-from houndd.errors import WireError
 from houndd.membership.member import Address, Member, MemberState
+from houndd.membership.messages import (
+    MAX_UPDATES_PER_MESSAGE,
+    Ack,
+    Gossip,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    PushPullReply,
+    SwimPayload,
+    Update,
+)
 from houndd.membership.suspicion import (
     Suspicion,
     expected_confirmations,
     retransmit_limit,
     suspicion_timeout_s,
 )
+from houndd.wire import schema
+from houndd.wire.codec import pack
+from houndd.wire.fields import MAX_COUNTER
+
+log = logging.getLogger("houndd.membership")
 
 # Lifeguard local health: our probe interval and timeout stretch by (1 + score) while we look
 # like the slow one (missed NACKs, having to refute). The cap bounds the slowdown to 9x.
 MAX_HEALTH_SCORE = 8
-# Caps on what a peer can make us hold or process per message.
-MAX_UPDATES_PER_MESSAGE = 256
-MAX_PUSH_PULL_MEMBERS = 4096
+# Caps on what a peer can make us hold (per message: see houndd.membership.messages).
 MAX_MEMBERS = 8192
 MAX_RELAYS = 1024
 MAX_JOIN_ATTEMPTS = 1024
+# Refutations never go past this: a million local metadata changes of headroom below the
+# wire's bound on incarnations.
+MAX_REFUTED_INCARNATION = MAX_COUNTER - 2**20
 # Push-pull with N members costs O(N) per exchange; above this size the interval grows with
 # log2(N) like memberlist's pushPullScale so total sync traffic stays roughly flat.
 PUSH_PULL_SCALE_THRESHOLD = 32
@@ -61,18 +73,6 @@ DEFAULT_PIGGYBACK_BYTES = 1024
 
 
 _ACTIVE = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
-
-
-class SwimMsg(IntEnum):
-    """SWIM message kinds; the values are those of `houndd.wire.types.MsgType`."""
-
-    PING = 1
-    PING_REQ = 2
-    ACK = 3
-    NACK = 4
-    PUSH_PULL = 8
-    PUSH_PULL_REPLY = 9
-    GOSSIP = 29
 
 
 # --- events ------------------------------------------------------------------------------
@@ -92,8 +92,7 @@ class Received:
 
     sender: str
     source: Address
-    msg: SwimMsg
-    payload: Mapping[str, Any]
+    payload: SwimPayload
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,7 @@ class Send:
     """Send one datagram."""
 
     to: Address
-    msg: SwimMsg
-    payload: dict[str, Any]
+    payload: SwimPayload
 
 
 @dataclass(frozen=True)
@@ -135,16 +133,14 @@ class Request:
     """Send a request and feed the reply back as `Received` (used for push-pull)."""
 
     to: Address
-    msg: SwimMsg
-    payload: dict[str, Any]
+    payload: PushPull
 
 
 @dataclass(frozen=True)
 class Reply:
     """Answer the request that is being handled."""
 
-    msg: SwimMsg
-    payload: dict[str, Any]
+    payload: PushPullReply
 
 
 @dataclass(frozen=True)
@@ -165,80 +161,20 @@ Action = Send | Request | Reply | StateChanged
 # --- updates (the gossip unit) -------------------------------------------------------------
 
 
-def alive_update(member: Member) -> dict[str, Any]:
+def alive_update(member: Member) -> Update:
     """The gossip update saying `member` is alive at its incarnation."""
     m = member.replace(state=MemberState.ALIVE)
-    return {"s": "alive", "id": m.node_id, "inc": m.incarnation, "by": m.node_id, "m": m.to_wire()}
+    return Update("alive", m.node_id, m.incarnation, m.node_id, m)
 
 
-def suspect_update(node_id: str, incarnation: int, by: str) -> dict[str, Any]:
+def suspect_update(node_id: str, incarnation: int, by: str) -> Update:
     """The gossip update saying `by` suspects `node_id` at `incarnation`."""
-    return {"s": "suspect", "id": node_id, "inc": incarnation, "by": by, "m": None}
+    return Update("suspect", node_id, incarnation, by, None)
 
 
-def dead_update(node_id: str, incarnation: int, by: str) -> dict[str, Any]:
+def dead_update(node_id: str, incarnation: int, by: str) -> Update:
     """The gossip update saying `by` declared `node_id` dead (left, if `by == node_id`)."""
-    return {"s": "dead", "id": node_id, "inc": incarnation, "by": by, "m": None}
-
-
-_UPDATE_KEYS = frozenset({"s", "id", "inc", "by", "m"})
-
-
-@dataclass(frozen=True)
-class _Update:
-    kind: str
-    node_id: str
-    incarnation: int
-    by: str
-    member: Member | None
-
-
-def _decode_update(obj: object) -> _Update:
-    if not isinstance(obj, dict) or set(obj) != _UPDATE_KEYS:
-        raise WireError("update: expected a map with keys s, id, inc, by, m")
-    kind, node_id, inc, by = obj["s"], obj["id"], obj["inc"], obj["by"]
-    if kind not in ("alive", "suspect", "dead"):
-        raise WireError(f"update.s: unknown kind {kind!r}")
-    if not isinstance(node_id, str) or not isinstance(by, str) or not node_id:
-        raise WireError("update: id and by must be strings")
-    if not isinstance(inc, int) or isinstance(inc, bool) or inc < 0:
-        raise WireError("update.inc: expected a non-negative integer")
-    member = None
-    if kind == "alive":
-        member = Member.from_wire(obj["m"])
-        if member.node_id != node_id or member.incarnation != inc:
-            raise WireError("update.m: does not match id/inc")
-    elif obj["m"] is not None:
-        raise WireError("update.m: only alive updates carry a member")
-    return _Update(kind, node_id, inc, by, member)
-
-
-def _int_field(payload: Mapping[str, Any], key: str) -> int:
-    v = payload.get(key)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise WireError(f"{key}: expected an integer")
-    return v
-
-
-def _str_field(payload: Mapping[str, Any], key: str) -> str:
-    v = payload.get(key)
-    if not isinstance(v, str) or len(v) > 256:
-        raise WireError(f"{key}: expected a short string")
-    return v
-
-
-def _updates(payload: Mapping[str, Any]) -> list[_Update]:
-    g = payload.get("g", [])
-    if not isinstance(g, list) or len(g) > MAX_UPDATES_PER_MESSAGE:
-        raise WireError(f"g: expected a list of at most {MAX_UPDATES_PER_MESSAGE} updates")
-    return [_decode_update(u) for u in g]
-
-
-def _members_field(payload: Mapping[str, Any]) -> list[Member]:
-    ms = payload.get("members")
-    if not isinstance(ms, list) or len(ms) > MAX_PUSH_PULL_MEMBERS:
-        raise WireError(f"members: expected a list of at most {MAX_PUSH_PULL_MEMBERS}")
-    return [Member.from_wire(m) for m in ms]
+    return Update("dead", node_id, incarnation, by, None)
 
 
 # --- internal state -----------------------------------------------------------------------
@@ -265,7 +201,7 @@ class _Relay:
 
 @dataclass
 class _Pending:
-    update: dict[str, Any]
+    update: Update
     size: int
     order: int
     transmits: int = 0
@@ -392,12 +328,16 @@ class MemberTable:
         times.extend(s.deadline for s in self._suspicions.values())
         return min(times)
 
-    def state_payload(self, *, join: bool | None = None) -> dict[str, Any]:
-        """Our full state for push-pull (a request if `join` is given, else a reply)."""
-        payload: dict[str, Any] = {"members": [m.to_wire() for m in self._members.values()]}
-        if join is not None:
-            payload["join"] = join
-        return payload
+    def state_payload(self, *, join: bool) -> PushPull:
+        """Our full state for a push-pull request."""
+        return PushPull(join, self._state())
+
+    def state_reply(self) -> PushPullReply:
+        """Our full state, answering a push-pull."""
+        return PushPullReply(self._state())
+
+    def _state(self) -> tuple[Member, ...]:
+        return tuple(self._members.values())
 
     # --- the one mutator ---
 
@@ -432,9 +372,7 @@ class MemberTable:
             relay = self._relays.pop(seq)
             # Lifeguard NACK: tells the requester that we are reachable but the target is
             # not, so it does not blame its own network.
-            out.append(
-                Send(relay.requester, SwimMsg.NACK, self._with_gossip({"seq": relay.requester_seq}))
-            )
+            out.append(Send(relay.requester, Nack(relay.requester_seq, self._piggyback())))
         for node_id in [n for n, s in self._suspicions.items() if now >= s.deadline]:
             member = self._members[node_id]
             self._apply_dead(node_id, member.incarnation, self._local_id, now, out)
@@ -448,7 +386,7 @@ class MemberTable:
             peers = self._peers(states=(MemberState.ALIVE,))
             if peers:
                 peer = self._rng.choice(peers)
-                out.append(Request(peer.address, SwimMsg.PUSH_PULL, self.state_payload(join=False)))
+                out.append(Request(peer.address, self.state_payload(join=False)))
         self._reap(now)
 
     def _scaled(self, seconds: float) -> float:
@@ -499,12 +437,12 @@ class MemberTable:
             deadline=self._next_probe_at,
         )
         self.stats.probes += 1
-        payload: dict[str, Any] = {"seq": self._seq, "target": target.node_id}
         extra = []
         if target.state is MemberState.SUSPECT:
             # Lifeguard buddy system: tell the suspect directly so it can refute at once.
             extra.append(suspect_update(target.node_id, target.incarnation, self._local_id))
-        out.append(Send(target.address, SwimMsg.PING, self._with_gossip(payload, extra)))
+        ping = Ping(self._seq, target.node_id, self._piggyback(extra))
+        out.append(Send(target.address, ping))
 
     def _send_indirect(self, probe: _Probe, out: list[Action]) -> None:
         probe.indirect_sent = True
@@ -515,13 +453,8 @@ class MemberTable:
         chosen = self._rng.sample(helpers, min(self._config.indirect_probes, len(helpers)))
         probe.expected_nacks = len(chosen)
         for helper in chosen:
-            payload = {
-                "seq": probe.seq,
-                "target": target.node_id,
-                "host": target.host,
-                "port": target.port,
-            }
-            out.append(Send(helper.address, SwimMsg.PING_REQ, self._with_gossip(payload)))
+            req = PingReq(probe.seq, target.node_id, target.host, target.port, self._piggyback())
+            out.append(Send(helper.address, req))
 
     def _probe_failed(self, probe: _Probe, now: float, out: list[Action]) -> None:
         self._probe = None
@@ -540,10 +473,10 @@ class MemberTable:
             return
         peers = self._peers(states=(MemberState.ALIVE, MemberState.SUSPECT))
         for peer in self._rng.sample(peers, min(self._config.gossip_fanout, len(peers))):
-            payload = self._with_gossip({})
-            if not payload["g"]:
+            updates = self._piggyback()
+            if not updates:
                 break
-            out.append(Send(peer.address, SwimMsg.GOSSIP, payload))
+            out.append(Send(peer.address, Gossip(updates)))
 
     def _reap(self, now: float) -> None:
         for node_id in [
@@ -559,16 +492,14 @@ class MemberTable:
 
     # --- dissemination ---
 
-    def _enqueue(self, node_id: str, update: dict[str, Any]) -> None:
+    def _enqueue(self, node_id: str, update: Update) -> None:
         # One pending update per member: a newer one makes the older one pointless.
         self._order += 1
-        size = len(msgpack.packb(update))
+        size = len(pack(schema.encode(update)))
         self._queue[node_id] = _Pending(update=update, size=size, order=self._order)
 
-    def _with_gossip(
-        self, payload: dict[str, Any], extra: Iterable[dict[str, Any]] = ()
-    ) -> dict[str, Any]:
-        """`payload` plus as many pending updates as fit, least-sent and newest first."""
+    def _piggyback(self, extra: Iterable[Update] = ()) -> tuple[Update, ...]:
+        """`extra` plus as many pending updates as fit, least-sent and newest first."""
         g = list(extra)
         budget = self._max_piggyback
         if self._queue:
@@ -584,8 +515,7 @@ class MemberTable:
                     del self._queue[node_id]
                 if len(g) >= MAX_UPDATES_PER_MESSAGE:
                     break
-        payload["g"] = g
-        return payload
+        return tuple(g)
 
     # --- receiving ---
 
@@ -594,59 +524,47 @@ class MemberTable:
         sender = self._members.get(ev.sender)
         if sender is not None and ev.sender != self._local_id:
             self._heard[ev.sender] = now
-        if ev.msg in (SwimMsg.PUSH_PULL, SwimMsg.PUSH_PULL_REPLY):
-            members = _members_field(payload)
-            if ev.msg is SwimMsg.PUSH_PULL:
-                join = payload.get("join")
-                if not isinstance(join, bool) or set(payload) != {"members", "join"}:
-                    raise WireError("push-pull: expected keys members, join")
+        if isinstance(payload, PushPull | PushPullReply):
+            if isinstance(payload, PushPull):
                 # Answer with our state as it was, then merge: the joiner learns everyone.
-                out.append(Reply(SwimMsg.PUSH_PULL_REPLY, self.state_payload()))
-            self._merge(members, now, out)
+                out.append(Reply(self.state_reply()))
+            self._merge(payload.members, now, out)
             return
-        for update in _updates(payload):
+        for update in payload.g:
             self._apply_update(update, now, out)
-        if ev.msg is SwimMsg.PING:
-            if _str_field(payload, "target") != self._local_id:
+        if isinstance(payload, Ping):
+            if payload.target != self._local_id:
                 return  # meant for whoever used to have our address
-            seq = _int_field(payload, "seq")
-            out.append(Send(ev.source, SwimMsg.ACK, self._with_gossip({"seq": seq})))
-        elif ev.msg is SwimMsg.PING_REQ:
-            self._relay(ev, payload, now, out)
-        elif ev.msg is SwimMsg.ACK:
-            seq = _int_field(payload, "seq")
+            out.append(Send(ev.source, Ack(payload.seq, self._piggyback())))
+        elif isinstance(payload, PingReq):
+            self._relay(ev.source, payload, now, out)
+        elif isinstance(payload, Ack):
             probe = self._probe
-            if probe is not None and seq == probe.seq:
+            if probe is not None and payload.seq == probe.seq:
                 self._probe = None
                 self._health = max(0, self._health - 1)
-            elif seq in self._relays:
-                relay = self._relays.pop(seq)
-                ack = self._with_gossip({"seq": relay.requester_seq})
-                out.append(Send(relay.requester, SwimMsg.ACK, ack))
-        elif ev.msg is SwimMsg.NACK:
-            seq = _int_field(payload, "seq")
-            if self._probe is not None and seq == self._probe.seq:
-                self._probe.nacks += 1
+            elif payload.seq in self._relays:
+                relay = self._relays.pop(payload.seq)
+                ack = Ack(relay.requester_seq, self._piggyback())
+                out.append(Send(relay.requester, ack))
+        elif (
+            isinstance(payload, Nack) and self._probe is not None and payload.seq == self._probe.seq
+        ):
+            self._probe.nacks += 1
 
-    def _relay(
-        self, ev: Received, payload: Mapping[str, Any], now: float, out: list[Action]
-    ) -> None:
-        target = _str_field(payload, "target")
-        host = _str_field(payload, "host")
-        port = _int_field(payload, "port")
-        req_seq = _int_field(payload, "seq")
-        if not 0 < port < 65536 or len(self._relays) >= MAX_RELAYS:
+    def _relay(self, requester: Address, req: PingReq, now: float, out: list[Action]) -> None:
+        if len(self._relays) >= MAX_RELAYS:
             return
         self._seq += 1
         self._relays[self._seq] = _Relay(
-            requester=ev.source,
-            requester_seq=req_seq,
+            requester=requester,
+            requester_seq=req.seq,
             deadline=now + self._config.probe_timeout_s,
         )
-        ping = self._with_gossip({"seq": self._seq, "target": target})
-        out.append(Send((host, port), SwimMsg.PING, ping))
+        ping = Ping(self._seq, req.target, self._piggyback())
+        out.append(Send((req.host, req.port), ping))
 
-    def _merge(self, members: list[Member], now: float, out: list[Action]) -> None:
+    def _merge(self, members: Iterable[Member], now: float, out: list[Action]) -> None:
         for m in members:
             if m.state is MemberState.ALIVE:
                 self._apply_alive(m, now, out)
@@ -661,9 +579,9 @@ class MemberTable:
                 # stale view cannot kill a member we can still reach; our own timer decides.
                 self._apply_suspect(m.node_id, m.incarnation, self._local_id, now, out)
 
-    def _apply_update(self, u: _Update, now: float, out: list[Action]) -> None:
+    def _apply_update(self, u: Update, now: float, out: list[Action]) -> None:
         if u.kind == "alive":
-            assert u.member is not None  # guaranteed by _decode_update
+            assert u.member is not None  # guaranteed by Update.__post_init__
             self._apply_alive(u.member, now, out)
         elif u.kind == "suspect":
             self._apply_suspect(u.node_id, u.incarnation, u.by, now, out)
@@ -675,6 +593,12 @@ class MemberTable:
     def _refute(self, incarnation: int) -> None:
         local = self.local
         new_inc = max(local.incarnation, incarnation) + 1
+        if new_inc > MAX_REFUTED_INCARNATION:
+            # Only a buggy or hostile peer claims an incarnation of ours this high. Following
+            # it would leave no room for our own updates before the wire bound, past which
+            # every peer refuses our record: stay suspected by the liar instead.
+            log.warning("refutation skipped: incarnation out of range inc=%d", incarnation)
+            return
         self._put(local.replace(incarnation=new_inc, state=MemberState.ALIVE))
         self._enqueue(self._local_id, alive_update(self.local))
         self.stats.refutations += 1
@@ -792,7 +716,7 @@ class MemberTable:
             oldest = min(self._join_tried, key=self._join_tried.__getitem__)
             del self._join_tried[oldest]
         self._join_tried[address] = now
-        out.append(Request(address, SwimMsg.PUSH_PULL, self.state_payload(join=True)))
+        out.append(Request(address, self.state_payload(join=True)))
 
     def _update_local(self, fields: Mapping[str, Any]) -> None:
         allowed = {
@@ -823,4 +747,4 @@ class MemberTable:
         peers = self._peers(states=(MemberState.ALIVE, MemberState.SUSPECT))
         fanout = max(self._config.gossip_fanout, self._config.indirect_probes)
         for peer in self._rng.sample(peers, min(fanout, len(peers))):
-            out.append(Send(peer.address, SwimMsg.GOSSIP, {"g": [update]}))
+            out.append(Send(peer.address, Gossip((update,))))

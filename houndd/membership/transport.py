@@ -10,7 +10,9 @@ per-source token bucket, so a flood costs us a dictionary lookup, not a SecretBo
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ import aiohttp
 from houndd.config import Config
 from houndd.errors import HounddError
 from houndd.membership.member import Address
+from houndd.wire.fields import host_problem
 
 log = logging.getLogger("houndd.membership")
 
@@ -30,9 +33,27 @@ OnRequest = Callable[[bytes, Address], Awaitable[bytes]]
 """Called for every request that passed the cheap checks; returns the reply bytes."""
 
 PEER_PATH = "/v1/peer"
+# Peer hostnames (an `advertise` that is a name) resolved at most this often, with this
+# timeout, for at most this many names (caps what a gossiped name can cost us).
+RESOLVE_CACHE_S = 30.0
+RESOLVE_TIMEOUT_S = 1.0
+MAX_RESOLVED = 1024
 # Distinct source hosts tracked by the rate limiter; the oldest is forgotten beyond this, which
 # caps the memory a spoofed-source flood can force.
 MAX_RATE_SOURCES = 4096
+
+
+def address_problem(address: object) -> str | None:
+    """None if `address` is a (host, port) a socket can send to: an IP address or RFC 1123
+    hostname, and a port in 1..65535."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        return "expected (host, port)"
+    host, port = address
+    if not isinstance(host, str) or host_problem(host) is not None:
+        return "expected an IP address or hostname"
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        return "expected a port in 1..65535"
+    return None
 
 
 class PeerError(HounddError, ConnectionError):
@@ -176,8 +197,10 @@ class UdpHttpTransport:
         self._on_datagram: OnDatagram | None = None
         self._on_request: OnRequest | None = None
         self._closed = False
+        self._send_errors: set[str] = set()
+        self._resolved: dict[str, tuple[str, float]] = {}  # host -> (ip or "", valid until)
         self.dropped: Counter[str] = Counter()
-        """Datagrams/requests dropped before crypto, by reason (oversize, rate)."""
+        """Datagrams/requests dropped, by reason (oversize, rate before crypto; send_error)."""
 
     async def start(self) -> None:
         """Bind the UDP socket and create the shared HTTP client session."""
@@ -246,15 +269,65 @@ class UdpHttpTransport:
             raise PeerRejected(429, "too many peer requests from this source")
 
     async def send(self, to: Address, data: bytes) -> None:
-        """Send one datagram (dropped silently if not started or closed)."""
+        """Send one datagram (dropped silently if not started or closed). Never raises: an
+        address the OS refuses (a NUL in the host, an unroutable one) drops the datagram."""
         if self._udp is None or self._closed:
             return
-        self._udp.sendto(data, to)
+        # asyncio treats anything but OSError from sendto as fatal and closes the socket (a
+        # host with a NUL byte did that to every daemon): refuse such addresses first.
+        problem = address_problem(to)
+        if problem is not None:
+            self._send_failed(to, "bad_address", problem)
+            return
+        target = await self._resolve(to)
+        if target is None:
+            return
+        try:
+            self._udp.sendto(data, target)
+        except (OSError, ValueError, TypeError) as e:
+            self._send_failed(to, type(e).__name__, str(e))
+
+    async def _resolve(self, to: Address) -> tuple[str, int] | None:
+        """An IP address to send to: `sendto` given a hostname would resolve it on the event
+        loop, blocking it as long as DNS takes, so names are resolved here, off the loop, with
+        a timeout and a bounded cache."""
+        host, port = to
+        try:
+            ipaddress.ip_address(host)
+            return to
+        except ValueError:
+            pass
+        now = self._clock()
+        cached = self._resolved.get(host)
+        if cached is not None and cached[1] > now:
+            return (cached[0], port) if cached[0] else None
+        ip = ""
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_DGRAM
+                )
+            ip = str(infos[0][4][0]) if infos else ""
+        except (OSError, TimeoutError, UnicodeError) as e:
+            self._send_failed(to, "resolve", str(e) or type(e).__name__)
+        if len(self._resolved) >= MAX_RESOLVED:
+            self._resolved.pop(next(iter(self._resolved)))
+        self._resolved[host] = (ip, now + RESOLVE_CACHE_S)
+        return (ip, port) if ip else None
+
+    def _send_failed(self, to: Address, kind: str, detail: str) -> None:
+        self.dropped["send_error"] += 1
+        if kind not in self._send_errors:
+            self._send_errors.add(kind)
+            log.warning("datagram not sent peer=%r error=%s: %s", to, kind, detail)
 
     async def request(self, to: Address, data: bytes, timeout_s: float) -> bytes:
         """POST `data` to `http://host:port/v1/peer`; the 200 body is the reply."""
         if self._session is None or self._closed:
             raise PeerError("transport is not started")
+        problem = address_problem(to)
+        if problem is not None:
+            raise PeerError(f"peer {to!r} unreachable: {problem}")
         host = f"[{to[0]}]" if ":" in to[0] else to[0]
         url = f"http://{host}:{to[1]}{PEER_PATH}"
         try:
@@ -266,8 +339,9 @@ class UdpHttpTransport:
                 return await _read_capped(resp, self._config.max_http_body_bytes, to)
         except TimeoutError:
             raise PeerTimeout(f"peer {to[0]}:{to[1]} did not answer in {timeout_s}s") from None
-        except (aiohttp.ClientError, OSError) as e:
-            raise PeerError(f"peer {to[0]}:{to[1]} unreachable: {e}") from None
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            # ValueError: a URL the host makes invalid; the peer is unreachable all the same.
+            raise PeerError(f"peer {to[0]!r}:{to[1]} unreachable: {e}") from None
 
     async def close(self) -> None:
         """Close the socket and the HTTP session; idempotent."""

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from houndd.config import Config, local
-from houndd.coordinator.election import ElectionRecord, Role
+from houndd.coordinator.election import Role
+from houndd.coordinator.memory import MemoryStore
 from houndd.coordinator.messages import (
     AbortLocal,
     AckClient,
     Action,
+    Dispatch,
     Execute,
     Persist,
     Reply,
@@ -38,19 +40,12 @@ from houndd.coordinator.messages import (
     Send,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
-from houndd.coordinator.replica import (
-    AbortRecord,
-    CancelRecord,
-    PlanRecord,
-    Record,
-    ResultRecord,
-)
+from houndd.coordinator.records import PlanDocument, PlanItem
 from houndd.coordinator.results import ItemResult, ItemState
-from houndd.coordinator.store import PersistedState
 
 
 class Violation(AssertionError):
-    """A property of DESIGN G1-G4 did not hold."""
+    """A property of the guarantees G1-G4 (docs/guarantees.md) did not hold."""
 
 
 @dataclass
@@ -63,48 +58,6 @@ class SimResult:
     acked_plans: list[str]
     coordinators: dict[int, list[str]]
     end_time: float
-
-
-class MemoryStore:
-    """What a node's SQLite store would hold (same semantics as `Store.apply`)."""
-
-    def __init__(self) -> None:
-        self.election = ElectionRecord()
-        self.plans: dict[str, PlanRecord] = {}
-        self.cancels: dict[str, CancelRecord] = {}
-        self.aborted: dict[str, None] = {}
-        self.results: dict[tuple[str, str, str], ResultRecord] = {}
-
-    def apply(self, action: Persist) -> None:
-        """Apply a Persist action."""
-        for rec in action.records:
-            if isinstance(rec, ElectionRecord):
-                self.election = rec
-            elif isinstance(rec, PlanRecord):
-                self.aborted.pop(rec.plan_id, None)
-                old = self.plans.get(rec.plan_id)
-                if old is None or rec.committed:
-                    self.plans[rec.plan_id] = rec
-            elif isinstance(rec, CancelRecord):
-                self.cancels[rec.plan_id] = rec
-            elif isinstance(rec, AbortRecord):
-                self.plans.pop(rec.plan_id, None)
-                self.cancels.pop(rec.plan_id, None)
-                for key in [k for k in self.results if k[0] == rec.plan_id]:
-                    del self.results[key]
-                self.aborted[rec.plan_id] = None
-            elif isinstance(rec, ResultRecord):
-                self.results[(rec.plan_id, rec.node_id, rec.image)] = rec
-            else:
-                raise TypeError(type(rec).__name__)
-
-    def load(self) -> PersistedState:
-        """The state a restarted node gets."""
-        records: list[Record] = [AbortRecord(p) for p in self.aborted]
-        records.extend(self.plans.values())
-        records.extend(self.cancels.values())
-        records.extend(self.results.values())
-        return PersistedState(self.election, records)
 
 
 @dataclass
@@ -178,7 +131,7 @@ class Cluster:
         self.topology_at: list[float] = [0.0]
         self.wins: dict[int, list[tuple[str, float]]] = {}
         self.acked: dict[str, float] = {}
-        self.submitted: dict[str, tuple[dict[str, Any], tuple[tuple[str, str, str, int], ...]]] = {}
+        self.submitted: dict[str, tuple[PlanDocument, tuple[PlanItem, ...]]] = {}
         self.cancelled: set[str] = set()
         self._plans = plans
         self.first_dispatch_after: float | None = None
@@ -268,7 +221,7 @@ class Cluster:
                 node.store.apply(act)
                 self._check_fence(node)
             elif isinstance(act, Send):
-                self._send(node.node_id, act.node_id, act.msg_type, act.payload)
+                self._send(node.node_id, act.node_id, act.payload)
             elif isinstance(act, Request):
                 self._request(node, act)
             elif isinstance(act, Reply):
@@ -300,7 +253,7 @@ class Cluster:
     def _deliver_delay(self) -> float:
         return self.rng.uniform(*self.delay)
 
-    def _send(self, src: str, dst: str, msg_type: str, payload: Any) -> None:
+    def _send(self, src: str, dst: str, payload: Any) -> None:
         copies = 2 if self.rng.random() < self.dup else 1
         for _ in range(copies):
             if self.rng.random() < self.loss:
@@ -312,8 +265,8 @@ class Cluster:
                 if target.life != life or not self._connected(src, dst):
                     return
                 assert target.core is not None
-                acts = target.core.receive(src, msg_type, payload, self.now)
-                self._do(target, acts, lambda r: self._send(dst, src, r.msg_type, r.payload))
+                acts = target.core.receive(src, payload, self.now)
+                self._do(target, acts, lambda r: self._send(dst, src, r.payload))
 
             self.at(self.now + self._deliver_delay(), deliver)
 
@@ -337,7 +290,7 @@ class Cluster:
                     return
                 state["done"] = True
                 assert node.core is not None
-                self._do(node, node.core.response(req.token, dst, r.msg_type, r.payload, self.now))
+                self._do(node, node.core.response(req.token, dst, r.payload, self.now))
 
             self.at(self.now + self._deliver_delay(), back)
 
@@ -348,12 +301,12 @@ class Cluster:
             if target.life != tlife or not self._connected(src, dst):
                 return
             assert target.core is not None
-            self._do(target, target.core.receive(src, req.msg_type, req.payload, self.now), answer)
+            self._do(target, target.core.receive(src, req.payload, self.now), answer)
 
         if self.rng.random() >= self.loss:
             self.at(self.now + self._deliver_delay(), deliver)
         self.at(self.now + self.cfg.peer_request_timeout_s, fail)
-        if req.msg_type == "DISPATCH":
+        if isinstance(req.payload, Dispatch):
             self._note_dispatch()
 
     def _note_dispatch(self) -> None:
@@ -500,15 +453,17 @@ class Cluster:
             images = [f"img{j}:1" for j in range(r.randint(1, 3))]
             targets = [nid for nid in self.ids if r.random() < 0.8] or [self.ids[0]]
             items = tuple(
-                (nid, img, f"sha256:{k}{j}", r.randint(1, 100))
+                PlanItem(nid, img, f"sha256:{k}{j}", r.randint(1, 100))
                 for nid in targets
                 for j, img in enumerate(images)
             )
-            doc = {
-                "name": pid,
-                "nodes": {nid: images for nid in targets},
-                "policy": {"retries": 5, "timeout": "2s", "parallelism": 3},
-            }
+            doc = PlanDocument(
+                {
+                    "name": pid,
+                    "nodes": {nid: images for nid in targets},
+                    "policy": {"retries": 5, "timeout": "2s", "parallelism": 3},
+                }
+            )
             self.submitted[pid] = (doc, items)
             self.at(
                 r.uniform(0.5, max(0.6, self.fault_end)), functools.partial(self._submit, pid, 0)
@@ -587,6 +542,16 @@ class Cluster:
     def check_end(self) -> None:
         """Convergence properties, once everything healed and the run ended."""
         cores = [n.core for n in self.nodes.values() if n.core is not None]
+        self._check_plans_kept(cores)
+        coords = [c for c in cores if c.role is Role.COORDINATOR]
+        if len(coords) != 1:
+            raise Violation(
+                f"{len(coords)} coordinators after healing: {[c.node_id for c in coords]}"
+            )
+        self._check_converged(cores)
+
+    def _check_plans_kept(self, cores: list[NodeCore]) -> None:
+        """G1: every acknowledged plan is on every node; the rest were aborted."""
         for pid in self.submitted:
             # The client retries until acknowledged; only a plan aborted (never acknowledged)
             # may stay unacknowledged.
@@ -598,11 +563,9 @@ class Cluster:
                     raise Violation(
                         f"acknowledged plan {pid} (at {at:.3f}) missing on {core.node_id}"
                     )
-        coords = [c for c in cores if c.role is Role.COORDINATOR]
-        if len(coords) != 1:
-            raise Violation(
-                f"{len(coords)} coordinators after healing: {[c.node_id for c in coords]}"
-            )
+
+    def _check_converged(self, cores: list[NodeCore]) -> None:
+        """G2: every open plan finished, the replicas agree, and "done" means pulled."""
         for core in cores:
             for rec in core.replica.plans():
                 if core.replica.cancelled(rec.plan_id):
@@ -672,13 +635,17 @@ def failover_time(seed: int, n: int, config: Config | None = None) -> float:
     )
     images = [f"big{j}:1" for j in range(8)]
     items = tuple(
-        (nid, img, f"sha256:{j}", 100) for nid in cluster.ids for j, img in enumerate(images)
+        PlanItem(nid, img, f"sha256:{j}", 100)
+        for nid in cluster.ids
+        for j, img in enumerate(images)
     )
-    doc = {
-        "name": "failover",
-        "nodes": {nid: images for nid in cluster.ids},
-        "policy": {"timeout": "1h", "parallelism": 1, "per_node_parallelism": 1},
-    }
+    doc = PlanDocument(
+        {
+            "name": "failover",
+            "nodes": {nid: images for nid in cluster.ids},
+            "policy": {"timeout": "1h", "parallelism": 1, "per_node_parallelism": 1},
+        }
+    )
     cluster.submitted["f"] = (doc, items)
     cluster._submit("f", 0)
     cluster.run(until=cluster.now + cfg.coordinator_timeout_s)

@@ -198,7 +198,11 @@ class SigningKeys:
     def rotate(self, now: float, *, force: bool = False) -> bool:
         """Switch to a fresh signing key if the current one is due (or `force`); True if it did."""
         cert = self._cert
-        if cert is not None and not force and now - cert.issued_at < self._rotation_s:
+        # A clock stepped back (NTP) would leave the key issued in the future, which peers
+        # refuse beyond their skew tolerance: rotate then too, so the certificate carries the
+        # new time. One second of slack ignores jitter.
+        age = now - cert.issued_at if cert is not None else 0.0
+        if cert is not None and not force and -1.0 <= age < self._rotation_s:
             return False
         self._rotations += 1
         key = nacl.signing.SigningKey.generate()

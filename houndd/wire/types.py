@@ -11,16 +11,16 @@ class MsgType(IntEnum):
     """Peer message types.
 
     Only append: the values are on the wire, and nodes running different versions of houndd
-    must agree on them during a rolling upgrade. Never renumber or reuse a value.
+    must agree on them during a rolling upgrade. Never renumber or reuse a value. Each live
+    type has exactly one payload class (`houndd.wire.payloads`).
     """
 
     PING = 1
     PING_REQ = 2
     ACK = 3
     NACK = 4
-    ALIVE = 5
-    SUSPECT = 6
-    DEAD = 7
+    # 5, 6, 7 (ALIVE, SUSPECT, DEAD): retired, never reuse. Those updates ride in the "g"
+    # list of the SWIM messages instead.
     PUSH_PULL = 8
     PUSH_PULL_REPLY = 9
     HEARTBEAT = 10
@@ -33,7 +33,7 @@ class MsgType(IntEnum):
     DISPATCH = 17
     DISPATCH_REPLY = 18
     RESULTS = 19
-    RESULTS_ACK = 20
+    # 20 (RESULTS_ACK): retired, never reuse. A request with no answer gets RECEIPT.
     SYNC_DIGEST = 21
     SYNC_ITEMS = 22
     KEYRING_OP = 23
@@ -47,7 +47,12 @@ class MsgType(IntEnum):
     FENCED = 31
     PLAN_ABORT = 32
     ABORT = 33
-    BLOB_GET = 34
+    RECEIPT = 34  # the answer to a request that has nothing to say back
+    BLOB_GET = 35  # a peer asks for a blob (POST /v1/peer/blob); the answer is a frame stream
+
+
+RETIRED_NUMBERS = frozenset({5, 6, 7, 20})
+"""Message type numbers that were used once and must never be given to a new type."""
 
 
 class WireRefused(WireError):

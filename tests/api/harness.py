@@ -192,8 +192,8 @@ def start_daemon(
         ready = asyncio.create_task(daemon.ready.wait())
         await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
-            guard = LoopbackOnlyRegistry(daemon.service.registry)
-            daemon.service.registry = guard  # type: ignore[assignment]
+            guard = LoopbackOnlyRegistry(daemon.service.submission.registry)
+            daemon.service.submission.registry = guard
             holder["registry"] = guard
         else:
             ready.cancel()

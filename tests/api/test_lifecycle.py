@@ -55,7 +55,7 @@ def test_cancel_aborts_in_flight_pulls_and_stops_dispatching(
 
 
 def test_no_coordinator_answers_503_with_retry_after(slow_node: RunningDaemon) -> None:
-    core = slow_node.daemon.service.core
+    core = slow_node.daemon.service.runtime.core
     slow_node.call(lambda: setattr(core, "coordinator", lambda now: None))
     try:
         before = slow_node.get_json("/v1/plans")["plans"]
@@ -93,10 +93,10 @@ def test_housekeeping_forgets_finished_plans_without_pulling_again(
         assert node.wait_plan(plan_id)["state"] == "done"
         executor = node.daemon.executor
         assert node.call(lambda: executor.reports(plan_id))
-        node.call(node.daemon.service._forget_finished)
+        node.call(node.daemon.service.runtime._forget_finished)
         assert node.call(lambda: executor.reports(plan_id)) == []
         # the replica still knows the item is done: a new coordinator would not pull it again
-        core = node.daemon.service.core
+        core = node.daemon.service.runtime.core
         (item,) = node.call(lambda: list(core.replica.results(plan_id).values()))
         assert item.state.value == "done"
         assert engine.pull_counts and sum(engine.pull_counts.values()) == 1

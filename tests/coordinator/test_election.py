@@ -7,7 +7,7 @@ import random
 import pytest
 
 from houndd.config import local
-from houndd.coordinator.election import Election, ElectionRecord, Role
+from houndd.coordinator.election import MAX_ADOPTED_TERM, Election, ElectionRecord, Role
 from houndd.coordinator.messages import (
     Action,
     Fenced,
@@ -37,8 +37,8 @@ def make(
     return e
 
 
-def sends(actions: list[Action], msg_type: str) -> list[Send]:
-    return [a for a in actions if isinstance(a, Send) and a.msg_type == msg_type]
+def sends(actions: list[Action], kind: type) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send) and isinstance(a.payload, kind)]
 
 
 def reply(actions: list[Action]) -> VoteReply:
@@ -112,7 +112,7 @@ def test_a_coordinator_heard_during_the_join_window_is_followed() -> None:
     e.on_heartbeat("a", Heartbeat(1, "a"), 0.5)
     assert e.coordinator(0.6) == "a"
     assert e.on_vote_request("c", VoteRequest(1, "c"), 0.7)[-1] == Reply(
-        "VOTE_REPLY", VoteReply(1, "b", False)
+        VoteReply(1, "b", False)
     )  # term 1 has its coordinator
 
 
@@ -138,11 +138,11 @@ def test_candidacy_persists_before_requesting_votes() -> None:
     e2 = make(now=0.0)
     acts: list[Action] = []
     t = 0.0
-    while not acts or not sends(acts, "VOTE_REQUEST"):
+    while not acts or not sends(acts, VoteRequest):
         acts = e2.tick(t)
         t += 0.01
     assert isinstance(acts[0], Persist) and acts[0].records == (ElectionRecord(1, "b", 0, None),)
-    assert {s.node_id for s in sends(acts, "VOTE_REQUEST")} == {"a", "c"}
+    assert {s.node_id for s in sends(acts, VoteRequest)} == {"a", "c"}
 
 
 def test_one_vote_per_term() -> None:
@@ -191,9 +191,9 @@ def test_majority_of_seen_electorate_wins_and_heartbeats() -> None:
     acts = e.on_vote_reply("a", VoteReply(e.term, "a", True), 1.0)
     assert e.role is Role.COORDINATOR and e.highest_term == e.term and e.accepted == "b"
     assert isinstance(acts[0], Persist)
-    assert {s.node_id for s in sends(acts, "HEARTBEAT")} == {"a", "c"}
+    assert {s.node_id for s in sends(acts, Heartbeat)} == {"a", "c"}
     hb = e.tick(1.0 + CFG.heartbeat_interval_s)
-    assert len(sends(hb, "HEARTBEAT")) == 2
+    assert len(sends(hb, Heartbeat)) == 2
 
 
 def test_no_win_without_majority() -> None:
@@ -242,10 +242,9 @@ def test_fencing_refuses_lower_terms_and_other_coordinators() -> None:
     assert ok and isinstance(acts[0], Persist)
     assert e.admit(5, "a", 0.2) == ([], True)
     acts, ok = e.admit(4, "c", 0.3)
-    assert not ok and sends(acts, "FENCED")[0].payload == Fenced(5, "a")
+    assert not ok and sends(acts, Fenced)[0].payload == Fenced(5, "a")
     acts, ok = e.admit(5, "c", 0.3)
-    assert not ok and sends(acts, "FENCED")
-    assert e.fenced_count == 2
+    assert not ok and sends(acts, Fenced)[0].payload == Fenced(5, "a")
     assert e.highest_term == 5 and e.accepted == "a"
 
 
@@ -270,3 +269,17 @@ def test_same_term_coordinators_meet(me: str, other: str, expect: Role) -> None:
     assert e.role is expect
     if expect is Role.CANDIDATE:
         assert e.term == 2
+
+
+def test_terms_without_room_for_another_election_are_ignored() -> None:
+    # One heartbeat at the wire's bound used to be adopted; every later election then needed a
+    # term peers refuse, and the cluster never had a coordinator again.
+    e = make("b", now=0.0)
+    assert e.on_heartbeat("a", Heartbeat(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.admit(MAX_ADOPTED_TERM + 1, "a", 0.1) == ([], False)
+    assert e.on_vote_request("a", VoteRequest(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.on_fenced("a", Fenced(MAX_ADOPTED_TERM + 1, "a"), 0.1) == []
+    assert e.on_vote_reply("a", VoteReply(MAX_ADOPTED_TERM + 1, "a", True), 0.1) == []
+    assert e.term == 0 and e.highest_term == 0
+    acts = e.on_heartbeat("a", Heartbeat(MAX_ADOPTED_TERM, "a"), 0.2)
+    assert isinstance(acts[0], Persist) and e.highest_term == MAX_ADOPTED_TERM

@@ -11,31 +11,32 @@ from houndd.coordinator.messages import (
     AckClient,
     Action,
     Dispatch,
-    DispatchItemWire,
     DispatchReply,
     Execute,
+    Fenced,
     Heartbeat,
     Persist,
     PlanAbort,
     PlanAck,
+    PlanPut,
     Reply,
     Request,
-    ResultEntry,
     Results,
     Send,
+    VoteReply,
+    VoteRequest,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
-from houndd.coordinator.replica import PlanItem, PlanRecord
+from houndd.coordinator.records import PlanDocument, PlanItem, PlanRecord, ResultRecord
 from houndd.coordinator.results import ItemResult, ItemState
+from houndd.coordinator.scheduler import DispatchItem
 from houndd.coordinator.store import PersistedState
 
 CFG = local(plan_replicas=2)
-DOC: dict[str, Any] = {
-    "name": "p",
-    "nodes": {"a": ["x:1"], "b": ["x:1"]},
-    "policy": {"timeout": "5s"},
-}
-ITEMS = (("a", "x:1", "sha256:1", 10), ("b", "x:1", "sha256:1", 10))
+DOC = PlanDocument(
+    {"name": "p", "nodes": {"a": ["x:1"], "b": ["x:1"]}, "policy": {"timeout": "5s"}}
+)
+ITEMS = (PlanItem("a", "x:1", "sha256:1", 10), PlanItem("b", "x:1", "sha256:1", 10))
 
 
 def coordinator(node: str = "a", alive: set[str] | None = None) -> NodeCore:
@@ -57,14 +58,14 @@ def test_submit_acks_only_after_enough_durable_copies() -> None:
     core = coordinator()
     acts = core.submit("p", DOC, ITEMS, 1.0, "client-1")
     assert isinstance(acts[0], Persist)  # own tentative copy first
-    puts = [r for r in of(acts, Request) if r.msg_type == "PLAN_PUT"]
+    puts = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
     assert [r.node_id for r in puts] == ["b"]
     assert not of(acts, AckClient)
     assert core.replica.plan("p") is not None and not core.replica.plan("p").committed  # type: ignore[union-attr]
-    acts = core.response(puts[0].token, "b", "PLAN_ACK", PlanAck("p", "b", True), 1.01)
+    acts = core.response(puts[0].token, "b", PlanAck("p", "b", True), 1.01)
     assert of(acts, AckClient) == [AckClient("client-1", True)]
     assert core.replica.plan("p").committed  # type: ignore[union-attr]
-    dispatched = [r for r in of(acts, Request) if r.msg_type == "DISPATCH"]
+    dispatched = [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
     assert [d.node_id for d in dispatched] == ["b"] and of(acts, Execute)  # b remote, a local
 
 
@@ -73,7 +74,7 @@ def test_submit_times_out_and_aborts() -> None:
     core.submit("p", DOC, ITEMS, 1.0, "c")
     acts = core.tick(1.0 + CFG.peer_request_timeout_s + 0.01)
     assert of(acts, AckClient) == [AckClient("c", False, "replication timeout")]
-    assert [s.payload for s in of(acts, Send) if s.msg_type == "PLAN_ABORT"] == [
+    assert [s.payload for s in of(acts, Send) if isinstance(s.payload, PlanAbort)] == [
         PlanAbort(core.term, "a", "p")
     ]
     assert core.replica.plan("p") is None and core.replica.is_aborted("p")
@@ -92,39 +93,37 @@ def test_non_coordinator_refuses_submit() -> None:
 
 def _worker_with_plan() -> NodeCore:
     w = NodeCore("b", CFG, random.Random(1), 0.0)
-    w.receive("a", "HEARTBEAT", Heartbeat(2, "a"), 0.1)
-    items = tuple(PlanItem(*i) for i in ITEMS)
-    w.replica.put_plan(PlanRecord("p", DOC, items, 0.0, True))
+    w.receive("a", Heartbeat(2, "a"), 0.1)
+    w.replica.put_plan(PlanRecord("p", DOC, ITEMS, 0.0, True))
     return w
 
 
 def _dispatch(term: int = 2, coord: str = "a", attempt: int = 1) -> Dispatch:
-    return Dispatch(term, coord, "p", (DispatchItemWire("x:1", "sha256:1", attempt, 5.0),))
+    return Dispatch(term, coord, "p", (DispatchItem("x:1", "sha256:1", attempt, 5.0),))
 
 
 def test_worker_fences_dispatches() -> None:
     w = _worker_with_plan()
-    acts = w.receive("z", "DISPATCH", _dispatch(term=1, coord="z"), 0.2)
+    acts = w.receive("z", _dispatch(term=1, coord="z"), 0.2)
     assert not of(acts, Execute)
     assert of(acts, Reply)[0].payload.accepted is False
-    assert [s.msg_type for s in of(acts, Send)] == ["FENCED"]
-    assert w.election.fenced_count == 1
+    assert [s.payload for s in of(acts, Send)] == [Fenced(2, "a")]
 
 
 def test_worker_dedupes_and_reports_under_the_new_attempt() -> None:
     w = _worker_with_plan()
-    first = w.receive("a", "DISPATCH", _dispatch(attempt=1), 0.2)
+    first = w.receive("a", _dispatch(attempt=1), 0.2)
     assert [i.image for e in of(first, Execute) for i in e.items] == ["x:1"]
     assert first.index(of(first, Persist)[0]) < first.index(of(first, Execute)[0])
-    again = w.receive("a", "DISPATCH", _dispatch(attempt=2), 0.3)  # still pulling: no re-run
+    again = w.receive("a", _dispatch(attempt=2), 0.3)  # still pulling: no re-run
     assert not of(again, Execute)
     done = ItemResult(ItemState.DONE, 1, "sha256:1", 10, 10)
     acts = w.executor_report(ExecutorReport("p", "x:1", done), 0.4)
     # a final outcome goes to the coordinator as a request, not a droppable datagram
-    assert not [s for s in of(acts, Send) if s.msg_type == "RESULTS"]
-    (sent,) = [r for r in of(acts, Request) if r.msg_type == "RESULTS"]
-    assert sent.node_id == "a" and sent.payload.entries[0].result["attempt"] == 2
-    later = w.receive("a", "DISPATCH", _dispatch(attempt=3), 0.5)  # done: never pulled again
+    assert not [s for s in of(acts, Send) if isinstance(s.payload, Results)]
+    (sent,) = [r for r in of(acts, Request) if isinstance(r.payload, Results)]
+    assert sent.node_id == "a" and sent.payload.entries[0].result.attempt == 2
+    later = w.receive("a", _dispatch(attempt=3), 0.5)  # done: never pulled again
     assert not of(later, Execute)
     assert w.replica.result("p", "b", "x:1").state is ItemState.DONE
 
@@ -133,9 +132,10 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
     items = tuple(
         PlanItem(n, img, "sha256:" + img, 10) for n in ("a", "b", "c") for img in ("x:1", "y:1")
     )
-    doc = {"name": "p", "nodes": {n: ["x:1", "y:1"] for n in "abc"}, "policy": {"timeout": "5s"}}
+    doc = PlanDocument(
+        {"name": "p", "nodes": {n: ["x:1", "y:1"] for n in "abc"}, "policy": {"timeout": "5s"}}
+    )
     records: list[Any] = [PlanRecord("p", doc, items, 0.0, False)]  # tentative: still taken over
-    from houndd.coordinator.replica import ResultRecord
 
     for n in ("a", "b", "c"):
         records.append(ResultRecord("p", n, "x:1", ItemResult(ItemState.DONE, 1)))
@@ -144,24 +144,20 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
     )
     core = NodeCore("b", CFG, random.Random(5), 0.0, PersistedState(records=records))
     core.membership({"a", "c"}, {}, 0.0)
-    core.receive("z", "HEARTBEAT", Heartbeat(1, "z"), 0.0)  # old coordinator z, then it dies
+    core.receive("z", Heartbeat(1, "z"), 0.0)  # old coordinator z, then it dies
     acts: list[Action] = []
     t = 0.0
     while core.role is not Role.COORDINATOR and t < 3:
         t += 0.01
         acts = core.tick(t)
         for r in of(acts, Send):
-            if r.msg_type == "VOTE_REQUEST":
-                from houndd.coordinator.messages import VoteReply
-
-                acts += core.receive(
-                    r.node_id, "VOTE_REPLY", VoteReply(core.term, r.node_id, True), t
-                )
+            if isinstance(r.payload, VoteRequest):
+                acts += core.receive(r.node_id, VoteReply(core.term, r.node_id, True), t)
     assert core.role is Role.COORDINATOR
     wanted = {
         (d.node_id, i.image)
         for d in of(acts, Request)
-        if d.msg_type == "DISPATCH"
+        if isinstance(d.payload, Dispatch)
         for i in d.payload.items
     }
     wanted |= {("b", i.image) for e in of(acts, Execute) for i in e.items}
@@ -170,12 +166,12 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
 
 def _committed_plan(core: NodeCore) -> list[Action]:
     acts = core.submit("p", DOC, ITEMS, 1.0, "client")
-    (put,) = [r for r in of(acts, Request) if r.msg_type == "PLAN_PUT"]
-    return core.response(put.token, "b", "PLAN_ACK", PlanAck("p", "b", True), 1.01)
+    (put,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
+    return core.response(put.token, "b", PlanAck("p", "b", True), 1.01)
 
 
 def _dispatches_to(acts: list[Action], node: str) -> list[Request]:
-    return [r for r in of(acts, Request) if r.msg_type == "DISPATCH" and r.node_id == node]
+    return [r for r in of(acts, Request) if isinstance(r.payload, Dispatch) and r.node_id == node]
 
 
 def test_undelivered_dispatches_wait_for_the_node_without_using_retries() -> None:
@@ -194,16 +190,12 @@ def test_undelivered_dispatches_wait_for_the_node_without_using_retries() -> Non
             resent = _dispatches_to(core.tick(now), "b")
         (dispatch,) = resent
     assert dispatch.payload.items[0].attempt == 9  # every dispatch is a new attempt ...
-    view = core._runs["p"].scheduler.item("b", "x:1")
+    view = core.coordinating._runs["p"].scheduler.item("b", "x:1")
     assert view.failures == 0  # ... and none was charged to the item
     # The node is back: it accepts the dispatch and reports the pull done.
-    acts = core.response(
-        dispatch.token, "b", "DISPATCH_REPLY", DispatchReply("p", "b", True, ""), now
-    )
+    core.response(dispatch.token, "b", DispatchReply("p", "b", True, ""), now)
     done = ItemResult(ItemState.DONE, 9, "sha256:1", 10, 10)
-    acts = core.receive(
-        "b", "RESULTS", Results((ResultEntry("p", "b", "x:1", done.to_dict()),)), now
-    )
+    core.receive("b", Results((ResultRecord("p", "b", "x:1", done),)), now)
     assert core.replica.result("p", "b", "x:1").state is ItemState.DONE
 
 

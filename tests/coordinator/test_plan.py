@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 from houndd.coordinator.plan import (
     MAX_IMAGE_ENTRIES,
     PLAN_JSON_SCHEMA,
-    PlanSpec,
     Policy,
-    RegistryCredential,
     Resolution,
     Target,
     TargetNode,
@@ -24,10 +22,13 @@ from houndd.coordinator.plan import (
     parse_duration,
     parse_plan,
     resolve_targets,
+    validate_plan,
 )
 from houndd.errors import PlanError
+from houndd.image.credentials import RegistryAuth, RegistryCredential, plan_auth
+from tests.coordinator.jsonschema_subset import schema_errors
 
-DESIGN_EXAMPLE = """\
+README_EXAMPLE = """\
 name: warm-ml-stack
 targets:                              # any mix of the three forms
   - images: [registry.local:5000/pytorch:2.4, registry.local:5000/tf:2.16]
@@ -455,7 +456,7 @@ def test_prune_takes_no_images_and_pull_needs_them() -> None:
     )
     assert spec.targets == (Target((), all=True),)
     assert spec.node_images == {"n9": ()}
-    assert PlanSpec.from_document(spec.to_document()) == spec
+    assert validate_plan(spec.to_document()) == spec
     _expect(
         {"name": "gc", "action": "prune", "targets": [{"images": ["a"], "all": True}]},
         "targets[0].images",
@@ -473,7 +474,7 @@ def test_prune_takes_no_images_and_pull_needs_them() -> None:
 
 
 def test_design_example_parses() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     assert spec.name == "warm-ml-stack"
     assert spec.action == "pull"
     assert spec.targets == (
@@ -530,14 +531,14 @@ def test_yaml_and_json_give_the_same_plan() -> None:
 
 
 def test_to_document_round_trips_and_is_canonical() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     doc = spec.to_document()
     assert json.loads(json.dumps(doc)) == doc
-    again = PlanSpec.from_document(doc)
+    again = validate_plan(doc)
     assert again == spec
     assert again.to_document() == doc
     # Spelling variants give the same canonical document.
-    variant = DESIGN_EXAMPLE.replace("nginx:1.27", "docker.io/library/nginx:1.27").replace(
+    variant = README_EXAMPLE.replace("nginx:1.27", "docker.io/library/nginx:1.27").replace(
         "timeout: 30m", "timeout: 1800"
     )
     assert parse_plan(variant).to_document() == doc
@@ -567,11 +568,13 @@ def test_credentials_never_appear_in_documents_or_repr() -> None:
     assert "username='ci'" in repr(spec.credentials["registry.local:5000"])
     # The secret document is separate, and parses back to the same credentials.
     assert spec.credentials_document()["ghcr.io"] == {"token": TOKEN}
-    restored = PlanSpec.from_document({**spec.to_document(), "auth": spec.credentials_document()})
+    restored = validate_plan({**spec.to_document(), "auth": spec.credentials_document()})
     assert restored == spec
-    assert PlanSpec.from_document(spec.to_document()) == spec.without_credentials()
-    assert spec.credentials_for("ghcr.io/o/app:1") == RegistryCredential(token=TOKEN)
-    assert spec.credentials_for("busybox") is None
+    assert validate_plan(spec.to_document()) == spec.without_credentials()
+    assert plan_auth("ghcr.io/o/app:1", spec.credentials) == RegistryAuth(
+        "<token>", TOKEN, "ghcr.io"
+    )
+    assert plan_auth("busybox", spec.credentials) is None
 
 
 def test_two_spellings_of_one_registry_are_an_error() -> None:
@@ -584,7 +587,10 @@ def test_docker_hub_credentials_key_is_normalized() -> None:
     doc = base()
     doc["auth"] = {"docker.io": {"username": "u", "password": PASSWORD}}
     spec = parse_plan(doc)
-    assert spec.credentials_for("busybox:1.36") == RegistryCredential("u", PASSWORD)
+    assert spec.credentials["registry-1.docker.io"] == RegistryCredential("u", PASSWORD)
+    assert plan_auth("busybox:1.36", spec.credentials) == RegistryAuth(
+        "u", PASSWORD, "registry-1.docker.io"
+    )
 
 
 def test_policy_constructor_validates() -> None:
@@ -599,18 +605,20 @@ def test_policy_constructor_validates() -> None:
     assert info.value.field == "policy.pull_policy"
 
 
-def test_json_schema_accepts_canonical_documents_and_rejects_unknown_fields() -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
-    validator = jsonschema_rs.validator_for(PLAN_JSON_SCHEMA)
-    for text in (DESIGN_EXAMPLE,):
-        doc = yaml.safe_load(text)
-        assert validator.is_valid(doc)
-        assert validator.is_valid(parse_plan(text).to_document())
-    assert validator.is_valid(base())
-    assert not validator.is_valid({**base(), "nme": "x"})
-    assert not validator.is_valid(mutate(["targets", 1, "nodes"], ["a"]))
-    assert not validator.is_valid(mutate(["policy", "timeout"], "30x"))
-    assert not validator.is_valid(mutate(["policy", "parallelism"], 0))
+def test_json_schema_accepts_canonical_documents_and_rejects_invalid_ones() -> None:
+    for doc in (yaml.safe_load(README_EXAMPLE), parse_plan(README_EXAMPLE).to_document(), base()):
+        assert schema_errors(PLAN_JSON_SCHEMA, doc) == []
+    assert schema_errors(PLAN_JSON_SCHEMA, {**base(), "nme": "x"})
+    assert schema_errors(PLAN_JSON_SCHEMA, mutate(["targets", 1, "nodes"], ["a"]))
+    assert schema_errors(PLAN_JSON_SCHEMA, mutate(["policy", "timeout"], "30x"))
+    assert schema_errors(PLAN_JSON_SCHEMA, mutate(["policy", "parallelism"], 0))
+    assert schema_errors(PLAN_JSON_SCHEMA, mutate(["policy", "pull_policy"], "Never"))
+    assert schema_errors(PLAN_JSON_SCHEMA, mutate(["action"], "delete"))
+
+
+def test_json_schema_defaults_are_the_models() -> None:
+    policy = PLAN_JSON_SCHEMA["properties"]["policy"]["properties"]
+    assert {k: v["default"] for k, v in policy.items()} == Policy().to_document()
 
 
 # --- hypothesis: nothing but PlanError, whatever the input ---------------------------------
@@ -713,9 +721,10 @@ def test_random_documents_raise_nothing_but_plan_error(doc: Any) -> None:
         return
     finally:
         assert doc == original or doc != doc  # noqa: PLR0124 - NaN is not equal to itself
-    assert PlanSpec.from_document(spec.to_document()) == spec.without_credentials()
-    # Valid documents say the same thing as YAML text.
+    assert validate_plan(spec.to_document()) == spec.without_credentials()
+    # Valid documents say the same thing as YAML text, and the JSON Schema accepts them.
     assert parse_plan(yaml.safe_dump(doc)) == spec
+    assert schema_errors(PLAN_JSON_SCHEMA, doc) == []
 
 
 @settings(max_examples=100, deadline=None)
@@ -783,7 +792,7 @@ def test_resolve_reports_unknown_nodes_and_empty_selectors() -> None:
 
 
 def test_resolve_with_no_members() -> None:
-    spec = parse_plan(DESIGN_EXAMPLE)
+    spec = parse_plan(README_EXAMPLE)
     res = resolve_targets(spec, [])
     assert res.requests == {}
     assert res.unknown_nodes == ["node-1", "node-3", "node-2"]

@@ -7,6 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from houndd.coordinator.records import PlanDocument
 from houndd.coordinator.replica import (
     MAX_SYNC_RESULTS,
     CancelRecord,
@@ -22,7 +23,11 @@ IMAGES = ("x:1", "y:1")
 
 def plan(pid: str, committed: bool = True) -> PlanRecord:
     items = tuple(PlanItem(n, i, f"sha256:{i}", 10) for n in NODES for i in IMAGES)
-    return PlanRecord(pid, {"name": pid}, items, 1.0, committed)
+    return PlanRecord(pid, _doc(pid), items, 1.0, committed)
+
+
+def _doc(name: str) -> PlanDocument:
+    return PlanDocument({"name": name, "nodes": {n: list(IMAGES) for n in NODES}})
 
 
 def random_replica(rng: random.Random) -> ReplicaState:
@@ -67,9 +72,9 @@ def test_anti_entropy_converges(seed: int, n: int) -> None:
 def test_plan_is_immutable_and_commit_turns_on() -> None:
     r = ReplicaState()
     assert r.put_plan(plan("p", committed=False))
-    other = PlanRecord("p", {"name": "evil"}, (), 2.0, True)
+    other = PlanRecord("p", _doc("evil"), (), 2.0, True)
     assert r.put_plan(other) == []
-    assert r.plan("p") is not None and r.plan("p").document == {"name": "p"}  # type: ignore[union-attr]
+    assert r.plan("p") is not None and r.plan("p").document == _doc("p")  # type: ignore[union-attr]
     assert r.put_plan(plan("p", committed=True))
     assert r.plan("p").committed  # type: ignore[union-attr]
 
@@ -116,7 +121,7 @@ def big_plan(pid: str, nodes: int = 4, images: int = 500) -> PlanRecord:
         for n in range(nodes)
         for i in range(images)
     )
-    return PlanRecord(pid, {"name": pid}, items, 1.0, True)
+    return PlanRecord(pid, _doc(pid), items, 1.0, True)
 
 
 def test_a_big_plan_catches_up_in_bounded_answers() -> None:

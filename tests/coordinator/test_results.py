@@ -11,7 +11,7 @@ results = st.builds(
     ItemResult,
     state=st.sampled_from(list(ItemState)),
     attempt=st.integers(0, 4),
-    digest=st.sampled_from(["", "sha256:a", "sha256:b"]),
+    digest=st.sampled_from(["", "sha256:" + "a" * 64, "sha256:" + "b" * 64]),
     bytes_done=st.integers(0, 3),
     bytes_total=st.integers(0, 3),
     reason=st.sampled_from(["", "timeout", "unauthorized"]),

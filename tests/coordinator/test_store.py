@@ -1,117 +1,179 @@
-"""SQLite store: round trip of every record; a restarted core keeps term, vote and fencing."""
+"""The Store: one conformance suite run against SQLite and the in-memory fake, plus what only
+SQLite has (WAL, fsync policy, rows another version wrote)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import nacl.utils
 import pytest
 
 from houndd.config import local
 from houndd.coordinator.election import ElectionRecord, Role
-from houndd.coordinator.messages import Heartbeat, Persist, VoteRequest
+from houndd.coordinator.memory import MemoryStore
+from houndd.coordinator.messages import Fenced, Heartbeat, Persist, Reply, Send, VoteRequest
 from houndd.coordinator.node import NodeCore
-from houndd.coordinator.replica import (
+from houndd.coordinator.plan import parse_plan
+from houndd.coordinator.records import (
     AbortRecord,
     CancelRecord,
+    PlanDocument,
     PlanItem,
     PlanRecord,
     ResultRecord,
 )
 from houndd.coordinator.results import ItemResult, ItemState
-from houndd.coordinator.store import Store
+from houndd.coordinator.sealed import seal_credentials, unseal_credentials
+from houndd.coordinator.store import SqliteStore, Store
+from houndd.wire import Keyring
+
+Reopen = Callable[[], Store]
+"""Close the store and open it again (the same data), like a restart."""
 
 
-def _plan(pid: str, **doc: object) -> PlanRecord:
-    return PlanRecord(pid, {"name": pid, **doc}, (PlanItem("a", "x:1", "sha256:1", 5),), 1.5, False)
+def _plan(pid: str, committed: bool = False) -> PlanRecord:
+    doc = PlanDocument({"name": pid, "nodes": {"a": ["x:1"]}}, via="node-1")
+    return PlanRecord(pid, doc, (PlanItem("a", "x:1", "sha256:1", 5),), 1.5, committed)
 
 
-def test_round_trip(tmp_path: Path) -> None:
-    res = ItemResult(ItemState.FAILED, 2, "sha256:1", 1, 5, "timeout", "d", 1.0, 2.0, False, True)
-    with Store(tmp_path / "h.db") as store:
-        store.apply(Persist((ElectionRecord(7, "b", 6, "c"), _plan("p"), _plan("q"))))
-        store.apply(Persist((ResultRecord("p", "a", "x:1", res), CancelRecord("p", 3.0))))
-        store.apply(Persist((dataclass_replace_committed(_plan("p")),)))
-        store.apply(Persist((AbortRecord("q"),)))
-        assert store.next_boot_epoch() == 1
-    with Store(tmp_path / "h.db") as store:
-        state = store.load()
-        assert store.next_boot_epoch() == 2
+@pytest.fixture(params=["sqlite", "memory"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Reopen]]:
+    """A store and a function that "restarts" it."""
+    if request.param == "sqlite":
+        current: list[Store] = [SqliteStore(tmp_path / "h.db")]
+
+        def reopen_sqlite() -> Store:
+            current[0].close()
+            current[0] = SqliteStore(tmp_path / "h.db")
+            return current[0]
+
+        yield current[0], reopen_sqlite
+        current[0].close()
+    else:
+        memory = MemoryStore()
+        yield memory, lambda: memory
+
+
+def test_every_record_round_trips(stores: tuple[Store, Reopen]) -> None:
+    store, reopen = stores
+    res = ItemResult(ItemState.FAILED, 2, "", 1, 5, "timeout", "d", 1.0, 2.0, False, True)
+    store.apply(Persist((ElectionRecord(7, "b", 6, "c"), _plan("p"), _plan("q"))))
+    store.apply(Persist((ResultRecord("p", "a", "x:1", res), CancelRecord("p", 3.0))))
+    state = reopen().load()
     assert state.election == ElectionRecord(7, "b", 6, "c")
-    assert AbortRecord("q") in state.records
-    assert dataclass_replace_committed(_plan("p")) in state.records
+    assert _plan("p") in state.records and _plan("q") in state.records
     assert CancelRecord("p", 3.0) in state.records
     assert ResultRecord("p", "a", "x:1", res) in state.records
-    assert not any(isinstance(r, PlanRecord) and r.plan_id == "q" for r in state.records)
 
 
-def dataclass_replace_committed(rec: PlanRecord) -> PlanRecord:
-    return PlanRecord(rec.plan_id, rec.document, rec.items, rec.accepted_at, True)
+def test_committed_wins_and_an_abort_removes_the_plan_with_its_records(
+    stores: tuple[Store, Reopen],
+) -> None:
+    store, reopen = stores
+    res = ItemResult(ItemState.DONE, 1)
+    store.apply(Persist((_plan("p"), _plan("q"), ResultRecord("q", "a", "x:1", res))))
+    store.apply(Persist((_plan("p", committed=True),)))
+    store.apply(Persist((_plan("p"),)))  # a late tentative copy does not undo the commit
+    store.apply(Persist((CancelRecord("q", 2.0), AbortRecord("q"))))
+    records = reopen().load().records
+    assert _plan("p", committed=True) in records and _plan("p") not in records
+    assert AbortRecord("q") in records
+    assert not [r for r in records if getattr(r, "plan_id", "") == "q" and r != AbortRecord("q")]
+    # The tombstone goes when the plan comes back committed (acknowledged elsewhere).
+    store = reopen()
+    store.apply(Persist((_plan("q", committed=True),)))
+    records = reopen().load().records
+    assert _plan("q", committed=True) in records and AbortRecord("q") not in records
 
 
-def test_wal_and_full_sync(tmp_path: Path) -> None:
-    with Store(tmp_path / "h.db") as store:
-        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+def test_the_last_cancel_and_result_applied_are_kept(stores: tuple[Store, Reopen]) -> None:
+    store, reopen = stores
+    first = ItemResult(ItemState.PULLING, 1, bytes_done=3)
+    last = ItemResult(ItemState.DONE, 1, bytes_done=9)
+    store.apply(Persist((_plan("p"), CancelRecord("p", 5.0), ResultRecord("p", "a", "x", first))))
+    store.apply(Persist((CancelRecord("p", 4.0), ResultRecord("p", "a", "x", last))))
+    records = reopen().load().records
+    assert [r for r in records if isinstance(r, CancelRecord)] == [CancelRecord("p", 4.0)]
+    assert [r for r in records if isinstance(r, ResultRecord)] == [
+        ResultRecord("p", "a", "x", last)
+    ]
 
 
-def test_credentials_never_in_clear(tmp_path: Path) -> None:
-    auth = {"registry.local": {"username": "u", "password": "hunter2-secret"}}
-    with Store(tmp_path / "nokey.db") as store, pytest.raises(ValueError, match="secret_key"):
-        store.apply(Persist((_plan("p", auth=auth),)))
-    key = nacl.utils.random(32)
-    with Store(tmp_path / "h.db", secret_key=key) as store:
-        store.apply(Persist((_plan("p", auth=auth),)))
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.db*"))
-    assert b"hunter2-secret" not in raw
-    with Store(tmp_path / "h.db", secret_key=key) as store:
-        (rec,) = [r for r in store.load().records if isinstance(r, PlanRecord)]
-    assert rec.document["auth"] == auth
-
-
-def test_restarted_core_keeps_term_vote_and_fencing(tmp_path: Path) -> None:
+def test_restarted_core_keeps_term_vote_and_fencing(stores: tuple[Store, Reopen]) -> None:
+    store, reopen = stores
     cfg = local()
-    path = tmp_path / "h.db"
-    with Store(path) as store:
-        core = NodeCore("b", cfg, random.Random(1), 0.0, store.load())
-        for act in core.receive("c", "HEARTBEAT", Heartbeat(4, "c"), 0.1):
-            if isinstance(act, Persist):
-                store.apply(act)
-        for act in core.receive("a", "VOTE_REQUEST", VoteRequest(9, "a"), 5.0):
-            if isinstance(act, Persist):
-                store.apply(act)
-    with Store(path) as store:
-        again = NodeCore("b", cfg, random.Random(2), 10.0, store.load())
+    core = NodeCore("b", cfg, random.Random(1), 0.0, store.load())
+    for act in [
+        *core.receive("c", Heartbeat(4, "c"), 0.1),
+        *core.receive("a", VoteRequest(9, "a"), 5.0),
+    ]:
+        if isinstance(act, Persist):
+            store.apply(act)
+    again = NodeCore("b", cfg, random.Random(2), 10.0, reopen().load())
     e = again.election
     assert (e.term, e.voted_for, e.highest_term, e.accepted) == (9, "a", 4, "c")
     assert again.role is Role.FOLLOWER
     # The persisted vote holds: another candidate for term 9 is refused after the restart.
-    acts = again.receive("d", "VOTE_REQUEST", VoteRequest(9, "d"), 20.0)
-    assert [a.payload.granted for a in acts if hasattr(a, "payload")] == [False]
+    acts = again.receive("d", VoteRequest(9, "d"), 20.0)
+    assert [a.payload.granted for a in acts if isinstance(a, Reply)] == [False]
     # And the fencing record holds: a coordinator of an older term is refused.
-    again.receive("z", "HEARTBEAT", Heartbeat(3, "z"), 20.0)
-    assert again.election.fenced_count == 1
+    acts = again.receive("z", Heartbeat(3, "z"), 20.0)
+    assert [a.payload for a in acts if isinstance(a, Send)] == [Fenced(4, "c")]
+
+
+# --- SQLite only ---------------------------------------------------------------------------
+
+
+def test_wal_and_full_sync(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "h.db") as store:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_progress_commits_skip_the_fsync_outcomes_do_not(tmp_path: Path) -> None:
-    from houndd.coordinator.replica import ResultRecord
-    from houndd.coordinator.results import ItemResult, ItemState
+    with SqliteStore(tmp_path / "s.db") as store:
 
-    store = Store(tmp_path / "s.db")
-    store.open()
+        def mode() -> int:
+            return int(store.db.execute("PRAGMA synchronous").fetchone()[0])
 
-    def mode() -> int:
-        return int(store.db.execute("PRAGMA synchronous").fetchone()[0])
+        pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1, bytes_done=5))
+        store.apply(Persist((pulling,)))
+        assert mode() == 1  # NORMAL
+        done = ResultRecord("p", "n", "x:1", ItemResult(ItemState.DONE, 1, bytes_done=9))
+        store.apply(Persist((done,)))
+        assert mode() == 2  # FULL
 
-    pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1, bytes_done=5))
-    store.apply([pulling])
-    assert mode() == 1  # NORMAL
-    done = ResultRecord("p", "n", "x:1", ItemResult(ItemState.DONE, 1, bytes_done=9))
-    store.apply([done])
-    assert mode() == 2  # FULL
-    store.close()
-    again = Store(tmp_path / "s.db")
-    again.open()
-    (loaded,) = [r for r in again.load().records if isinstance(r, ResultRecord)]
-    assert loaded.result.state is ItemState.DONE
+
+def test_rows_that_no_longer_decode_are_skipped_not_fatal(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "h.db") as store:
+        store.apply(Persist((_plan("good"), _plan("bad"))))
+        store.apply(Persist((ResultRecord("good", "a", "x:1", ItemResult(ItemState.DONE, 1)),)))
+        broken = json.dumps({"spec": {"name": "bad", "policy": {"timeout": "forever"}}})
+        store.db.execute("UPDATE plans SET document = ? WHERE plan_id = 'bad'", (broken,))
+        store.db.execute('UPDATE results SET result = \'{"state": "sideways"}\'')
+        records = store.load().records
+    assert [r.plan_id for r in records if isinstance(r, PlanRecord)] == ["good"]
+    assert not [r for r in records if isinstance(r, ResultRecord)]
+
+
+def test_registry_credentials_are_stored_only_sealed(tmp_path: Path) -> None:
+    spec = parse_plan(
+        {
+            "name": "p",
+            "nodes": {"a": ["registry.local/x:1"]},
+            "auth": {"registry.local": {"username": "u", "password": "hunter2-secret"}},
+        }
+    )
+    keyring = Keyring.generate()
+    doc = PlanDocument.of(spec, sealed_auth=seal_credentials(keyring, spec.credentials))
+    rec = dataclasses.replace(_plan("p"), document=doc)
+    with SqliteStore(tmp_path / "h.db") as store:
+        store.apply(Persist((rec,)))
+        (loaded,) = [r for r in store.load().records if isinstance(r, PlanRecord)]
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.db*"))
+    assert b"hunter2-secret" not in raw and b"hunter2-secret" not in repr(loaded).encode()
+    assert unseal_credentials(keyring, loaded.document.sealed_auth) == spec.credentials
+    assert unseal_credentials(Keyring.generate(), loaded.document.sealed_auth) == {}

@@ -1,4 +1,5 @@
-"""The async `Membership` shell over `MemoryTransport` with a real `Wire`."""
+"""The async `Membership` shell, the bus, labels and cluster keyring operations over
+`MemoryTransport` with a real `Wire`."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ from typing import Any
 import pytest
 
 from houndd.config import local
+from houndd.coordinator.messages import Cancel, VoteReply, VoteRequest
+from houndd.coordinator.records import CancelRecord
 from houndd.errors import HounddError
+from houndd.membership.bus import Bus, Message, UnknownMemberError
+from houndd.membership.keyring_ops import ClusterKeyring, KeyringOpError
+from houndd.membership.labels import Labels
 from houndd.membership.member import Member, MemberState
 from houndd.membership.memory import MemoryNetwork
-from houndd.membership.service import KeyringOpError, Membership, UnknownMemberError
+from houndd.membership.messages import KeyringOp, KeyringReply, Ping, PushPull
+from houndd.membership.service import Membership
 from houndd.membership.transport import PeerError, RemoteError
-from houndd.wire import Envelope, Keyring, MsgType, NodeIdentity, Wire, generate_key
+from houndd.wire import Keyring, MsgType, NodeIdentity, Wire, generate_key
 
 
 class Node:
@@ -47,10 +54,17 @@ class Node:
             port=self.address[1],
             labels=labels or {},
         )
-        self.m = Membership(
-            self.config, self.wire, self.transport, me, rng=random.Random(i), keyring=self.keyring
-        )
+        self.bus = Bus(self.config, self.wire, self.transport)
+        self.m = Membership(self.config, self.bus, me, rng=random.Random(i))
+        self.labels = Labels(self.config, self.bus, self.m)
+        self.keys = ClusterKeyring(self.config, self.bus, self.m, self.keyring)
         self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        await self.labels.restore()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.bus.run())
+            tg.create_task(self.m.run())
 
     @property
     def id(self) -> str:
@@ -74,7 +88,7 @@ async def cluster(tmp_path: Path, n: int, *, join: bool = True) -> AsyncIterator
     key = generate_key()
     nodes = [Node(net, i, key, tmp_path) for i in range(n)]
     for node in nodes:
-        node.task = asyncio.create_task(node.m.run())
+        node.task = asyncio.create_task(node.run())
     try:
         await asyncio.sleep(0)
         if join:
@@ -112,46 +126,74 @@ async def test_join_lists_every_member_with_metadata(tmp_path: Path) -> None:
 
 async def test_request_reply_send_and_broadcast_on_the_bus(tmp_path: Path) -> None:
     async with cluster(tmp_path, 3) as nodes:
-        got: list[tuple[int, str, Any]] = []
+        got: list[tuple[int, str, int]] = []
         done = asyncio.Event()
 
-        def recorder(i: int) -> Callable[[Envelope], Any]:
-            async def handler(env: Envelope) -> tuple[MsgType, dict[str, Any]] | None:
-                got.append((i, env.sender, env.payload))
+        def recorder(i: int) -> Callable[[Message], Any]:
+            async def handler(msg: Message) -> VoteReply | None:
+                assert isinstance(msg.payload, VoteRequest)  # decoded by the bus
+                got.append((i, msg.sender, msg.payload.term))
                 if len(got) >= 3:
                     done.set()
-                if env.payload.get("fail"):
+                if msg.payload.term == 666:
                     raise HounddError("refusing on purpose")
-                return MsgType.VOTE_REPLY, {"echo": env.payload.get("x"), "by": i}
+                return VoteReply(msg.payload.term + 1, nodes[i].id, True)
 
             return handler
 
         for i, node in enumerate(nodes):
-            node.m.register(MsgType.VOTE_REQUEST, recorder(i))
-        reply = await nodes[0].m.request(nodes[1].id, MsgType.VOTE_REQUEST, {"x": 41})
-        assert reply.type is MsgType.VOTE_REPLY and reply.payload == {"echo": 41, "by": 1}
+            node.bus.register(MsgType.VOTE_REQUEST, recorder(i))
+        me = nodes[0].id
+        reply = await nodes[0].bus.request(nodes[1].id, VoteRequest(41, me))
+        assert reply.type is MsgType.VOTE_REPLY and reply.payload == VoteReply(
+            42, nodes[1].id, True
+        )
         assert reply.sender == nodes[1].id
         with pytest.raises(RemoteError, match="refusing on purpose"):
-            await nodes[0].m.request(nodes[2].id, MsgType.VOTE_REQUEST, {"fail": True})
+            await nodes[0].bus.request(nodes[2].id, VoteRequest(666, me))
         with pytest.raises(RemoteError, match="no handler"):
-            await nodes[0].m.request(nodes[2].id, MsgType.CANCEL, {})
+            await nodes[0].bus.request(nodes[2].id, Cancel(CancelRecord("p1", 1.0)))
         with pytest.raises(UnknownMemberError):
-            await nodes[0].m.request("nobody", MsgType.VOTE_REQUEST, {})
+            await nodes[0].bus.request("nobody", VoteRequest(1, me))
         # Requests to ourselves take the same path (the coordinator dispatches to itself too).
-        self_reply = await nodes[0].m.request(nodes[0].id, MsgType.VOTE_REQUEST, {"x": 1})
-        assert self_reply.payload == {"echo": 1, "by": 0}
+        self_reply = await nodes[0].bus.request(me, VoteRequest(1, me))
+        assert self_reply.payload == VoteReply(2, me, True)
         got.clear()
         done.clear()
-        await nodes[1].m.send(nodes[2].id, MsgType.VOTE_REQUEST, {"x": "dgram"})
-        assert await nodes[0].m.broadcast(MsgType.VOTE_REQUEST, {"x": "all"}) == 2
+        await nodes[1].bus.send(nodes[2].id, VoteRequest(7, nodes[1].id))
+        others = [n.address for n in nodes[1:]]
+        assert await nodes[0].bus.broadcast(others, VoteRequest(9, me)) == 2
         await asyncio.wait_for(done.wait(), 3.0)
-        assert sorted((i, p["x"]) for i, _, p in got) == [(1, "all"), (2, "all"), (2, "dgram")]
+        assert sorted((i, term) for i, _, term in got) == [(1, 9), (2, 7), (2, 9)]
+
+
+async def test_a_failing_handler_is_counted_and_the_bus_keeps_serving(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as nodes:
+        calls: list[int] = []
+
+        async def broken(msg: Message) -> None:
+            calls.append(msg.payload.term)
+            raise ZeroDivisionError("a bug in a handler")
+
+        nodes[1].bus.register(MsgType.VOTE_REQUEST, broken)
+        me = nodes[0].id
+        for term in (1, 2):
+            await nodes[0].bus.send(nodes[1].id, VoteRequest(term, me))
+        with pytest.raises(RemoteError, match="internal error"):
+            await nodes[0].bus.request(nodes[1].id, VoteRequest(3, me))
+        await eventually(lambda: len(calls) == 3, what="all three handled")
+        assert nodes[1].bus.handler_errors["VOTE_REQUEST"] == 3
+        # Membership (which rides the same bus) still works.
+        await eventually(lambda: nodes[1].alive_ids() == {nodes[0].id, nodes[1].id})
+        assert (
+            await nodes[0].bus.request_typed(nodes[1].id, KeyringOp("list", None), KeyringReply)
+        ).error is None
 
 
 async def test_labels_are_set_on_the_owner_persisted_and_spread(tmp_path: Path) -> None:
     async with cluster(tmp_path, 3) as nodes:
         before = nodes[2].m.local.incarnation
-        result = await nodes[0].m.set_labels("node-2", {"gpu": "true", "zone": "a"})
+        result = await nodes[0].labels.set("node-2", {"gpu": "true", "zone": "a"})
         assert result == {"gpu": "true", "zone": "a"}
         assert nodes[2].m.local.labels == {"gpu": "true", "zone": "a"}
         assert nodes[2].m.local.incarnation > before
@@ -162,10 +204,10 @@ async def test_labels_are_set_on_the_owner_persisted_and_spread(tmp_path: Path) 
             return all(n.m.get(nodes[2].id).labels == labels for n in nodes)  # type: ignore[union-attr]
 
         await eventually(lambda: everyone_sees({"gpu": "true", "zone": "a"}), what="labels spread")
-        await nodes[1].m.set_labels("node-2", {"zone": None})
+        await nodes[1].labels.set("node-2", {"zone": None})
         await eventually(lambda: everyone_sees({"gpu": "true"}), what="label removal spread")
         with pytest.raises(UnknownMemberError):
-            await nodes[0].m.set_labels("node-9", {"a": "b"})
+            await nodes[0].labels.set("node-9", {"a": "b"})
 
 
 async def test_persisted_labels_are_restored_on_start(tmp_path: Path) -> None:
@@ -173,7 +215,7 @@ async def test_persisted_labels_are_restored_on_start(tmp_path: Path) -> None:
     node = Node(net, 0, generate_key(), tmp_path, labels={"from": "config"})
     node.state_dir.mkdir(parents=True)
     (node.state_dir / "labels.json").write_text(json.dumps({"from": "cli", "gpu": "true"}))
-    task = asyncio.create_task(node.m.run())
+    task = asyncio.create_task(node.run())
     try:
         await eventually(lambda: node.m.local.labels == {"from": "cli", "gpu": "true"})
     finally:
@@ -185,24 +227,22 @@ async def test_persisted_labels_are_restored_on_start(tmp_path: Path) -> None:
 async def test_keyring_rotation_across_the_cluster(tmp_path: Path) -> None:
     async with cluster(tmp_path, 3) as nodes:
         old, new = nodes[0].keyring.primary, generate_key()
-        assert await nodes[0].m.keyring_op("install", new) == {f"node-{i}": None for i in range(3)}
-        assert await nodes[1].m.keyring_op("use", new) == {f"node-{i}": None for i in range(3)}
+        assert await nodes[0].keys.apply("install", new) == {f"node-{i}": None for i in range(3)}
+        assert await nodes[1].keys.apply("use", new) == {f"node-{i}": None for i in range(3)}
         with pytest.raises(KeyringOpError):
-            await nodes[0].m.keyring_op("remove", new)
-        assert await nodes[2].m.keyring_op("remove", old) == {f"node-{i}": None for i in range(3)}
+            await nodes[0].keys.apply("remove", new)
+        assert await nodes[2].keys.apply("remove", old) == {f"node-{i}": None for i in range(3)}
         for node in nodes:
             assert node.keyring.list() == [new]
             assert Keyring.load(node.config.cluster_key_path).list() == [new]
-        fps = await nodes[0].m.keyring_fingerprints()
+        fps = await nodes[0].keys.fingerprints()
         assert len({tuple(v) for v in fps.values()}) == 1 and len(fps) == 3
         assert all(new.hex() not in str(v) for v in fps.values())  # never the key itself
         # Still one cluster under the new key.
-        reply = await nodes[0].m.request(
-            nodes[2].id, MsgType.KEYRING_OP, {"op": "list", "key": None}
-        )
-        assert reply.payload["error"] is None
+        reply = await nodes[0].bus.request_typed(nodes[2].id, KeyringOp("list", None), KeyringReply)
+        assert reply.error is None
         # A node's own refusal is reported per node, not raised.
-        result = await nodes[0].m.keyring_op("use", generate_key())
+        result = await nodes[0].keys.apply("use", generate_key())
         assert all(err and "not installed" in err for err in result.values()), result
 
 
@@ -210,17 +250,13 @@ async def test_node_with_another_cluster_key_is_never_listed(tmp_path: Path) -> 
     async with cluster(tmp_path, 2) as nodes:
         net = nodes[0].transport._network
         intruder = Node(net, 9, generate_key(), tmp_path)
-        task = asyncio.create_task(intruder.m.run())
+        task = asyncio.create_task(intruder.run())
         try:
             refused_before = sum(nodes[0].wire.refused.values())
             assert await intruder.m.join([nodes[0].address, nodes[1].address]) == 0
-            await intruder.m.send(
-                nodes[0].address, MsgType.PING, {"seq": 1, "target": nodes[0].id, "g": []}
-            )
+            await intruder.bus.send(nodes[0].address, Ping(1, nodes[0].id, ()))
             with pytest.raises(PeerError):
-                await intruder.m.request(
-                    nodes[0].address, MsgType.PUSH_PULL, {"join": True, "members": []}
-                )
+                await intruder.bus.request(nodes[0].address, PushPull(True, ()))
             await eventually(lambda: sum(nodes[0].wire.refused.values()) >= refused_before + 3)
             assert nodes[0].wire.refused["unknown_key"] >= 3
             await asyncio.sleep(0.3)

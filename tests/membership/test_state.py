@@ -11,7 +11,18 @@ import pytest
 from houndd.config import local
 from houndd.errors import WireError
 from houndd.membership.member import Member, MemberState
+from houndd.membership.messages import (
+    Ack,
+    Gossip,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    PushPullReply,
+    Update,
+)
 from houndd.membership.state import (
+    MAX_REFUTED_INCARNATION,
     Action,
     JoinCandidate,
     MemberTable,
@@ -20,7 +31,6 @@ from houndd.membership.state import (
     Request,
     Send,
     StateChanged,
-    SwimMsg,
     Tick,
     UpdateLocal,
     alive_update,
@@ -33,6 +43,11 @@ from houndd.membership.suspicion import (
     retransmit_limit,
     suspicion_timeout_s,
 )
+from houndd.wire import schema
+from houndd.wire.codec import pack
+from houndd.wire.fields import MAX_COUNTER
+from houndd.wire.payloads import decode_payload
+from houndd.wire.types import MsgType
 
 CFG = local()
 P = CFG.probe_interval_s
@@ -46,23 +61,21 @@ def member(i: int, inc: int = 0, **kw: Any) -> Member:
 
 def table(n_others: int = 2, *, seed: int = 1, now: float = 0.0) -> MemberTable:
     t = MemberTable(CFG, member(0), random.Random(seed), now)
-    state = [member(i).to_wire() for i in range(1, n_others + 1)]
-    t.handle(Received("id1", ("10.0.0.1", 7001), SwimMsg.PUSH_PULL_REPLY, {"members": state}), now)
+    state = tuple(member(i) for i in range(1, n_others + 1))
+    t.handle(Received("id1", ("10.0.0.1", 7001), PushPullReply(state)), now)
     return t
 
 
-def gossip(
-    t: MemberTable, updates: list[dict[str, Any]], now: float, sender: str = "id1"
-) -> list[Action]:
-    return t.handle(Received(sender, ("10.0.0.1", 7001), SwimMsg.GOSSIP, {"g": updates}), now)
+def gossip(t: MemberTable, updates: list[Update], now: float, sender: str = "id1") -> list[Action]:
+    return t.handle(Received(sender, ("10.0.0.1", 7001), Gossip(tuple(updates))), now)
 
 
 def changes(actions: list[Action]) -> list[tuple[str, MemberState | None, MemberState]]:
     return [(a.member.node_id, a.old, a.new) for a in actions if isinstance(a, StateChanged)]
 
 
-def sends(actions: list[Action], msg: SwimMsg) -> list[Send]:
-    return [a for a in actions if isinstance(a, Send) and a.msg is msg]
+def sends(actions: list[Action], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, Send) and isinstance(a.payload, kind)]
 
 
 def run_probes(
@@ -74,14 +87,10 @@ def run_probes(
         now = min(max(t.next_deadline(), now), until)
         acts = t.handle(Tick(), now)
         out.extend(acts)
-        for s in sends(acts, SwimMsg.PING):
-            target = s.payload["target"]
+        for s in sends(acts, Ping):
+            target = s.payload.target
             if target not in dead:
-                out.extend(
-                    t.handle(
-                        Received(target, s.to, SwimMsg.ACK, {"seq": s.payload["seq"], "g": []}), now
-                    )
-                )
+                out.extend(t.handle(Received(target, s.to, Ack(s.payload.seq, ())), now))
         now += 1e-6
     return now, out
 
@@ -103,7 +112,7 @@ def test_alive_to_suspect_to_dead_without_acks() -> None:
         ("id1", MemberState.SUSPECT, MemberState.DEAD),
     ]
     # Probing went through the indirect path before suspecting.
-    assert any(s.payload["target"] == "id1" for s in sends(acts, SwimMsg.PING_REQ))
+    assert any(s.payload.target == "id1" for s in sends(acts, PingReq))
     assert t.get("id1").state is MemberState.DEAD  # type: ignore[union-attr]
     assert t.get("id2").state is MemberState.ALIVE  # type: ignore[union-attr]
 
@@ -195,13 +204,11 @@ def test_a_suspected_node_refutes_with_a_higher_incarnation() -> None:
     assert t.local.incarnation == 1
     assert t.health_score == 1  # Lifeguard: being suspected is a hint we are slow
     # The refutation is piggybacked on the next message we send.
-    acts = t.handle(
-        Received("id1", ("10.0.0.1", 7001), SwimMsg.PING, {"seq": 7, "target": "id0", "g": []}), 0.1
-    )
-    (ack,) = sends(acts, SwimMsg.ACK)
-    assert ack.payload["seq"] == 7
-    first = ack.payload["g"][0]
-    assert (first["s"], first["id"], first["inc"]) == ("alive", "id0", 1)
+    acts = t.handle(Received("id1", ("10.0.0.1", 7001), Ping(7, "id0", ())), 0.1)
+    (ack,) = sends(acts, Ack)
+    assert ack.payload.seq == 7
+    first = ack.payload.g[0]
+    assert (first.kind, first.node_id, first.incarnation) == ("alive", "id0", 1)
     # A dead claim is refuted too; our own "left" is not.
     gossip(t, [dead_update("id0", 1, "id2")], 0.2)
     assert t.local.incarnation == 2
@@ -216,7 +223,7 @@ def test_a_suspected_node_refutes_with_a_higher_incarnation() -> None:
         (dead_update("id1", 2, "id2"), "dead at an older incarnation"),
     ],
 )
-def test_stale_incarnations_are_ignored(update: dict[str, Any], why: str) -> None:
+def test_stale_incarnations_are_ignored(update: Update, why: str) -> None:
     t = table(2)
     gossip(t, [alive_update(member(1, inc=3))], 0.0)
     before = t.get("id1")
@@ -253,12 +260,9 @@ def test_each_update_is_piggybacked_retransmit_limit_times() -> None:
     assert t.local.incarnation == 1 and t.local.labels == {"gpu": "true"}
     carried = 0
     for i in range(3 * limit):
-        acts = t.handle(
-            Received("id1", ("10.0.0.1", 7001), SwimMsg.PING, {"seq": i, "target": "id0", "g": []}),
-            0.0,
-        )
-        (ack,) = sends(acts, SwimMsg.ACK)
-        carried += sum(1 for u in ack.payload["g"] if u["id"] == "id0")
+        acts = t.handle(Received("id1", ("10.0.0.1", 7001), Ping(i, "id0", ())), 0.0)
+        (ack,) = sends(acts, Ack)
+        carried += sum(1 for u in ack.payload.g if u.node_id == "id0")
     assert carried == limit
 
 
@@ -271,60 +275,32 @@ def test_metadata_change_is_reported_as_alive_to_alive() -> None:
 
 def test_indirect_probe_relays_ack_and_nacks_on_silence() -> None:
     t = table(2)
-    acts = t.handle(
-        Received(
-            "id1",
-            ("10.0.0.1", 7001),
-            SwimMsg.PING_REQ,
-            {"seq": 42, "target": "id2", "host": "10.0.0.1", "port": 7002, "g": []},
-        ),
-        0.0,
-    )
-    (ping,) = sends(acts, SwimMsg.PING)
-    assert ping.to == ("10.0.0.1", 7002) and ping.payload["target"] == "id2"
-    acts = t.handle(
-        Received("id2", ping.to, SwimMsg.ACK, {"seq": ping.payload["seq"], "g": []}), 0.01
-    )
-    (ack,) = sends(acts, SwimMsg.ACK)
-    assert ack.to == ("10.0.0.1", 7001) and ack.payload["seq"] == 42
+    req = PingReq(42, "id2", "10.0.0.1", 7002, ())
+    acts = t.handle(Received("id1", ("10.0.0.1", 7001), req), 0.0)
+    (ping,) = sends(acts, Ping)
+    assert ping.to == ("10.0.0.1", 7002) and ping.payload.target == "id2"
+    acts = t.handle(Received("id2", ping.to, Ack(ping.payload.seq, ())), 0.01)
+    (ack,) = sends(acts, Ack)
+    assert ack.to == ("10.0.0.1", 7001) and ack.payload.seq == 42
     # Second request, no answer from the target: NACK back after the probe timeout.
-    t.handle(
-        Received(
-            "id1",
-            ("10.0.0.1", 7001),
-            SwimMsg.PING_REQ,
-            {"seq": 43, "target": "id2", "host": "10.0.0.1", "port": 7002, "g": []},
-        ),
-        1.0,
-    )
+    t.handle(Received("id1", ("10.0.0.1", 7001), PingReq(43, "id2", "10.0.0.1", 7002, ())), 1.0)
     acts = t.handle(Tick(), 1.0 + CFG.probe_timeout_s)
-    assert [s.payload["seq"] for s in sends(acts, SwimMsg.NACK)] == [43]
+    assert [s.payload.seq for s in sends(acts, Nack)] == [43]
 
 
 def test_ping_for_another_node_id_is_not_acked() -> None:
     t = table(1)
-    acts = t.handle(
-        Received(
-            "id1", ("10.0.0.1", 7001), SwimMsg.PING, {"seq": 1, "target": "someone-else", "g": []}
-        ),
-        0.0,
-    )
-    assert sends(acts, SwimMsg.ACK) == []
+    acts = t.handle(Received("id1", ("10.0.0.1", 7001), Ping(1, "someone-else", ())), 0.0)
+    assert sends(acts, Ack) == []
 
 
 def test_push_pull_replies_with_state_and_treats_remote_dead_as_suspect() -> None:
     t = table(2)
-    remote = [
-        member(1).replace(state=MemberState.DEAD).to_wire(),
-        member(5).to_wire(),
-    ]
-    acts = t.handle(
-        Received("id2", ("10.0.0.1", 7002), SwimMsg.PUSH_PULL, {"join": True, "members": remote}),
-        0.0,
-    )
+    remote = (member(1).replace(state=MemberState.DEAD), member(5))
+    acts = t.handle(Received("id2", ("10.0.0.1", 7002), PushPull(True, remote)), 0.0)
     (reply,) = [a for a in acts if isinstance(a, Reply)]
-    assert reply.msg is SwimMsg.PUSH_PULL_REPLY
-    assert {m["id"] for m in reply.payload["members"]} == {"id0", "id1", "id2"}
+    assert isinstance(reply.payload, PushPullReply)
+    assert {m.node_id for m in reply.payload.members} == {"id0", "id1", "id2"}
     assert sorted(changes(acts)) == sorted(
         [("id1", MemberState.ALIVE, MemberState.SUSPECT), ("id5", None, MemberState.ALIVE)]
     )
@@ -334,7 +310,7 @@ def test_join_candidate_requests_push_pull_once_per_retry_interval() -> None:
     t = table(1)
     addr = ("10.0.0.9", 7480)
     (req,) = t.handle(JoinCandidate(addr), 0.0)
-    assert isinstance(req, Request) and req.msg is SwimMsg.PUSH_PULL and req.payload["join"] is True
+    assert isinstance(req, Request) and req.payload.join is True
     assert t.handle(JoinCandidate(addr), CFG.join_retry_s / 2) == []
     assert len(t.handle(JoinCandidate(addr), CFG.join_retry_s)) == 1
     # Known alive members and our own address are never re-joined.
@@ -342,23 +318,35 @@ def test_join_candidate_requests_push_pull_once_per_retry_interval() -> None:
     assert t.handle(JoinCandidate(member(0).address), 100.0) == []
 
 
+ID = "00000000000000a3"
+GOOD = schema.encode(alive_update(member(3).replace(node_id=ID)))
+
+
 @pytest.mark.parametrize(
     "payload",
     [
-        {"g": [{"s": "alive", "id": "x"}]},
-        {"g": [{"s": "zombie", "id": "x", "inc": 0, "by": "y", "m": None}]},
-        {"g": [{"s": "suspect", "id": "x", "inc": -1, "by": "y", "m": None}]},
-        {"g": [{**alive_update(member(3)), "m": {**member(3).to_wire(), "extra": 1}}]},
-        {"g": [{**alive_update(member(3)), "m": {**member(3).to_wire(), "port": 0}}]},
+        {"g": [{"s": "alive", "id": ID}]},
+        {"g": [{**GOOD, "s": "zombie"}]},
+        {"g": [{**GOOD, "s": "suspect", "m": None, "inc": -1}]},
+        {"g": [{**GOOD, "m": {**GOOD["m"], "extra": 1}}]},
+        {"g": [{**GOOD, "m": {**GOOD["m"], "port": 0}}]},
+        {"g": [{**GOOD, "m": {**GOOD["m"], "host": "10.0.0.1\x00"}}]},
+        {"g": [{**GOOD, "m": {**GOOD["m"], "inc": 1}}]},
+        {"g": [{**GOOD, "s": "suspect", "m": None, "inc": 2**64 - 1}]},
+        {"g": [{**GOOD, "s": "suspect", "m": None, "id": "not-a-node-id"}]},
         {"g": "nope"},
+        {"g": [GOOD] * 257},
     ],
 )
-def test_malformed_gossip_raises_wire_error_and_changes_nothing(payload: dict[str, Any]) -> None:
-    t = table(2)
-    before = t.members()
+def test_malformed_gossip_is_refused_by_the_schema(payload: dict[str, Any]) -> None:
     with pytest.raises(WireError):
-        t.handle(Received("id1", ("10.0.0.1", 7001), SwimMsg.GOSSIP, payload), 0.0)
-    assert t.members() == before
+        decode_payload(MsgType.GOSSIP, payload)
+    assert decode_payload(MsgType.GOSSIP, {"g": [GOOD]}) == Gossip((Update(**_fields(GOOD)),))
+
+
+def _fields(raw: dict[str, Any]) -> dict[str, Any]:
+    m = schema.decode(Member, raw["m"])
+    return {"kind": "alive", "node_id": ID, "incarnation": 0, "by": ID, "member": m}
 
 
 def test_same_seed_same_decisions() -> None:
@@ -370,12 +358,28 @@ def test_same_seed_same_decisions() -> None:
     assert trace(7) != trace(8)
 
 
+def test_a_suspicion_at_an_absurd_incarnation_is_not_followed_past_the_wire_bound() -> None:
+    # A cluster-key holder claims we are suspect at 2**64-1: following it would make our
+    # refutation unencodable (it crashed the daemon) or refused by every peer.
+    t = table(2)
+    gossip(t, [suspect_update("id0", 2**64 - 1, "id1")], 0.0)
+    assert t.local.incarnation == 0 and t.local.state is MemberState.ALIVE
+    gossip(t, [suspect_update("id0", MAX_REFUTED_INCARNATION, "id1")], 0.1)
+    assert t.local.incarnation == 0
+    gossip(t, [suspect_update("id0", 5, "id1")], 0.2)  # an ordinary one is still refuted
+    assert t.local.incarnation == 6
+    acts = t.handle(Received("id1", ("10.0.0.1", 7001), Ping(1, "id0", ())), 0.3)
+    (ack,) = sends(acts, Ack)
+    pack(schema.encode(ack.payload))  # encodable (the old refutation overflowed here)
+    assert all(u.incarnation <= MAX_COUNTER for u in ack.payload.g)
+
+
 def test_member_version_travels_and_records_without_it_are_accepted() -> None:
-    m = member(3, version="0.2.0")
-    assert Member.from_wire(m.to_wire()) == m
-    older = {k: v for k, v in m.to_wire().items() if k != "ver"}  # gossiped by a 0.1 node
-    assert Member.from_wire(older).version == ""
-    with pytest.raises(WireError, match=r"member\.ver"):
-        Member.from_wire({**m.to_wire(), "ver": "x" * 1000})
-    with pytest.raises(WireError, match=r"member\.ver"):
-        Member.from_wire({**m.to_wire(), "ver": 2})
+    m = member(3, version="0.2.0").replace(node_id=ID)
+    assert schema.decode(Member, schema.encode(m)) == m
+    older = {k: v for k, v in schema.encode(m).items() if k != "ver"}  # gossiped by a 0.1 node
+    assert schema.decode(Member, older).version == ""
+    with pytest.raises(WireError, match=r"ver"):
+        schema.decode(Member, {**schema.encode(m), "ver": "x" * 1000})
+    with pytest.raises(WireError, match=r"ver"):
+        schema.decode(Member, {**schema.encode(m), "ver": 2})

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
@@ -172,12 +172,29 @@ async def test_udp_http_transport_on_loopback() -> None:
         assert len(inbox.datagrams) < 30
         with pytest.raises(PeerError, match="unreachable"):
             await a.request(("127.0.0.1", free_port()), b"q", 1.0)
+        # An address the OS refuses (a gossiped host with a NUL byte made sendto raise and
+        # closed the socket) drops the datagram; the transport keeps working.
+        inbox.event.clear()
+        await a.send(("127.0.0.1\x00evil", port_b), b"x")
+        await a.send(("no-such-host.invalid", port_b), b"x")
+        with pytest.raises(PeerError, match="unreachable"):
+            await a.request(("127.0.0.1\x00evil", port_b), b"q", 1.0)
+        assert a.dropped["send_error"] >= 1
+        await a.send(b.local_address, b"still here")
+        await asyncio.wait_for(
+            _until(lambda: (b"still here", a.local_address) in inbox.datagrams), 2.0
+        )
     finally:
         await runner.cleanup()
         await a.close()
         await b.close()
         await b.close()  # idempotent
     await a.send(b.local_address, b"after close")  # no error, nothing sent
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    while not cond():  # noqa: ASYNC110 - a datagram has no other completion signal here
+        await asyncio.sleep(0.01)
 
 
 # --- one conformance suite for both implementations ------------------------------------------

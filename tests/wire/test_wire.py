@@ -86,7 +86,7 @@ def test_schema_payloads_round_trip(make_wire: WireFactory) -> None:
 
 def test_relayed_bytes_are_accepted_once_as_the_original_sender(make_wire: WireFactory) -> None:
     a, c = make_wire(), make_wire()
-    data = a.seal(MsgType.ALIVE, {"x": 1}, T0)
+    data = a.seal(MsgType.GOSSIP, {"x": 1}, T0)
     relayed = bytes(data)  # B forwards the envelope unchanged
     assert c.open(relayed, T0 + 0.2, max_size=MAX_UDP).sender == a.node_id
     assert refusal(c, data, T0 + 0.3) == "replay_duplicate"
@@ -221,7 +221,7 @@ def test_rotation_grace_then_refusal(make_wire: WireFactory) -> None:
 
 def test_different_identity_claiming_a_pinned_node_id_is_refused(make_wire: WireFactory) -> None:
     victim, attacker, b = make_wire(), make_wire(), make_wire()
-    b.open(victim.seal(MsgType.ALIVE, {}, T0), T0, max_size=MAX_UDP)  # pins the victim's key
+    b.open(victim.seal(MsgType.GOSSIP, {}, T0), T0, max_size=MAX_UDP)  # pins the victim's key
     fake = forge(attacker, sender=victim.node_id, cert_node_id=victim.node_id)
     assert refusal(b, fake) == "identity_changed"
     assert b.peers.pinned(victim.node_id) == victim.identity.public_key

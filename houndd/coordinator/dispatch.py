@@ -1,0 +1,356 @@
+"""`DispatchRuntime`: the async shell that runs a node's `NodeCore`.
+
+It moves bytes and time: peer messages from the bus become `NodeCore.receive` events, the
+core's actions become sealed datagrams, requests, store writes (durable before any later
+action of the same batch) and calls into this node's executor (`LocalExecutor`, the worker
+adaptor), whose reports flow back as core events. Nothing a peer sends, and no failure of a
+reply or of the core itself, stops the loop: it is counted, logged once, and dropped.
+
+Time: every timer runs on the monotonic clock, which is the `now` the core gets; the wall clock
+only stamps what leaves the process or is persisted (plan acceptance, cancel and result times,
+envelope timestamps), through `Clocks.wall`. A wall-clock step therefore neither triggers an
+election nor times an item out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from houndd.config import Config
+from houndd.coordinator.local import LocalExecutor, LocalWork
+from houndd.coordinator.messages import (
+    AbortLocal,
+    AckClient,
+    Action,
+    Dispatch,
+    Execute,
+    Fenced,
+    Persist,
+    Reply,
+    Request,
+    Send,
+)
+from houndd.coordinator.node import HANDLED_TYPES, NodeCore
+from houndd.coordinator.records import PlanDocument, PlanItem
+from houndd.coordinator.results import ItemResult
+from houndd.coordinator.sealed import unseal_credentials
+from houndd.coordinator.store import Store
+from houndd.coordinator.worker_role import ExecutorReport
+from houndd.errors import HounddError
+from houndd.image.credentials import plan_auth
+from houndd.membership.bus import Bus, Message
+from houndd.membership.member import Member, MemberState
+from houndd.membership.service import Membership
+from houndd.metrics import Metrics
+from houndd.wire.keyring import Keyring
+
+log = logging.getLogger("houndd.coordinator")
+
+MAX_TICK_WAIT_S = 0.5
+HOUSEKEEPING_S = 30.0
+"""How often the executor's records of finished plans are dropped (the core's replica still
+dedupes their items, so nothing is pulled again)."""
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """`mono` drives every timer; `wall` stamps what leaves the process or is persisted."""
+
+    wall: Callable[[], float] = time.time
+    mono: Callable[[], float] = time.monotonic
+
+
+class DispatchRuntime:
+    """Runs the core: its timers, its messages, its actions. `start()` loads the store and
+    builds the core (sync: SQLite on local disk); `run()` serves until cancelled."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        bus: Bus,
+        membership: Membership,
+        store: Store,
+        local: LocalExecutor,
+        keyring: Keyring,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+        clocks: Clocks | None = None,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.membership = membership
+        self.store = store
+        self.local = local
+        self.keyring = keyring
+        self.metrics = metrics
+        self.clocks = clocks or Clocks()
+        self._rng = rng or random.Random()
+        self._core: NodeCore | None = None
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._dispatch_sent: dict[tuple[str, str], float] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def core(self) -> NodeCore:
+        """The core (after `start()`)."""
+        if self._core is None:
+            raise HounddError("the coordinator runtime is not started")
+        return self._core
+
+    @property
+    def started(self) -> bool:
+        """True once `start()` built the core."""
+        return self._core is not None
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self.bus.node_id
+
+    def start(self) -> None:
+        """Load the persisted state, build the core and register its message types."""
+        self._core = NodeCore(
+            self.node_id,
+            self.config,
+            self._rng,
+            self.clocks.mono(),
+            self.store.load(),
+            wall=self.clocks.wall,
+            scheduler_options={"node_down_timeout_s": self.config.node_return_timeout_s},
+        )
+        self._core.election.wait_for_discovery()  # until discovery_round_done()
+        for msg_type in sorted(HANDLED_TYPES):
+            self.bus.register(msg_type, self._on_message)
+        self.membership.subscribe(self._on_member_change)
+
+    def discovery_round_done(self) -> None:
+        """Discovery ran once: the election's join window starts now."""
+        self.core.election.discovery_round_done(self.clocks.mono())
+        self.wake()
+
+    async def run(self) -> None:
+        """Drive the core's timers and carry out its actions until cancelled."""
+        core = self.core
+        mono = self.clocks.mono
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            try:
+                await self.apply(self._membership_event())
+                housekeeping_at = mono() + HOUSEKEEPING_S
+                while True:
+                    if mono() >= housekeeping_at:
+                        housekeeping_at = mono() + HOUSEKEEPING_S
+                        self._forget_finished()
+                    delay = min(core.next_wakeup() - mono(), MAX_TICK_WAIT_S)
+                    if delay > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), delay)
+                    self._wake.clear()
+                    await self.bus.guard(self._tick(), "coordinator tick")
+            finally:
+                self._tg = None
+
+    async def _tick(self) -> None:
+        await self.apply(self.core.tick(self.clocks.mono()))
+
+    def wake(self) -> None:
+        """Run the core's timers now (something changed)."""
+        self._wake.set()
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Return when the replica changes next, or after `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `coro` in the runtime's task group, guarded (closed if not running)."""
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(self.bus.guard(coro, what))
+
+    # --- what the rest of the shell asks of the core ---------------------------------------
+
+    def dispatches_in_flight(self) -> int:
+        """DISPATCH requests sent and not answered yet."""
+        return len(self._dispatch_sent)
+
+    def coordinator(self) -> tuple[str | None, int]:
+        """(coordinator node id or None, term) as this node sees them."""
+        if self._core is None:
+            return None, 0
+        return self._core.coordinator(self.clocks.mono()), self._core.term
+
+    async def accept(
+        self, plan_id: str, document: PlanDocument, items: list[PlanItem], timeout_s: float
+    ) -> AckClient:
+        """Coordinator: store and replicate a plan; the answer once it is durable (G1)."""
+        fut: asyncio.Future[AckClient] = asyncio.get_running_loop().create_future()
+        await self.apply(self.core.submit(plan_id, document, items, self.clocks.mono(), fut))
+        self.wake()
+        return await asyncio.wait_for(fut, timeout_s)
+
+    async def cancel(self, plan_id: str) -> None:
+        """Cancel a plan from this node; in-flight local pulls stop."""
+        await self.apply(self.core.cancel(plan_id, self.clocks.mono()))
+        self.local.abort(plan_id)
+        self.wake()
+
+    def report(self, plan_id: str, image: str, result: ItemResult) -> None:
+        """The local executor's report (sync callback): feed the core from the event loop."""
+        if self._core is None:
+            return
+        actions = self._core.executor_report(
+            ExecutorReport(plan_id, image, result), self.clocks.mono()
+        )
+        self.spawn(self._apply_and_wake(actions), "executor report")
+
+    # --- core plumbing ---------------------------------------------------------------------
+
+    async def apply(self, actions: Iterable[Action]) -> Reply | None:
+        """Carry out actions in order; Persist is durable before anything after it."""
+        reply: Reply | None = None
+        for action in actions:
+            if isinstance(action, Persist):
+                self.store.apply(action)
+                self._notify_change()
+            elif isinstance(action, Send):
+                if isinstance(action.payload, Fenced):
+                    self.metrics.fenced.inc()
+                with contextlib.suppress(HounddError):
+                    await self.bus.send(action.node_id, action.payload)
+            elif isinstance(action, Request):
+                if isinstance(action.payload, Dispatch):
+                    sent_key = (action.payload.plan_id, action.node_id)
+                    self._dispatch_sent[sent_key] = self.clocks.mono()
+                self.spawn(self._request(action), f"reply to {action.msg_type.name}")
+            elif isinstance(action, Reply):
+                reply = action
+            elif isinstance(action, Execute):
+                self._execute(action)
+            elif isinstance(action, AbortLocal):
+                self.local.abort(action.plan_id, list(action.images))
+            elif isinstance(action, AckClient):
+                fut = action.client_ref
+                if isinstance(fut, asyncio.Future) and not fut.done():
+                    fut.set_result(action)
+        if self._core is not None:
+            self.metrics.term.set(self._core.term)
+        return reply
+
+    async def _apply_and_wake(self, actions: list[Action]) -> None:
+        await self.apply(actions)
+        self.wake()
+
+    def _notify_change(self) -> None:
+        """Wake every event stream: the replica changed."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _request(self, action: Request) -> None:
+        sent_key = (getattr(action.payload, "plan_id", ""), action.node_id)
+        try:
+            await self._request_once(action)
+        finally:
+            if isinstance(action.payload, Dispatch):
+                self._dispatch_sent.pop(sent_key, None)
+
+    async def _request_once(self, action: Request) -> None:
+        mono = self.clocks.mono
+        try:
+            reply = await self.bus.request(action.node_id, action.payload)
+        except HounddError as e:
+            log.debug(
+                "request failed peer=%s type=%s error=%s", action.node_id, action.msg_type.name, e
+            )
+            await self.apply(self.core.request_failed(action.token, mono()))
+            return
+        if isinstance(action.payload, Dispatch):
+            sent = self._dispatch_sent.pop((action.payload.plan_id, action.node_id), None)
+            if sent is not None:
+                self.metrics.dispatch_latency.observe(mono() - sent)
+        await self.apply(self.core.response(action.token, reply.sender, reply.payload, mono()))
+
+    async def _on_message(self, msg: Message) -> object | None:
+        reply = await self.apply(self.core.receive(msg.sender, msg.payload, self.clocks.mono()))
+        self.wake()
+        return None if reply is None else reply.payload
+
+    def _membership_event(self) -> list[Action]:
+        # SWIM's suspect members are still members: only a confirmed death (or a missed
+        # coordinator heartbeat, which the election watches itself) should move work away.
+        members = self.membership.members()
+        alive = [
+            mb.node_id for mb in members if mb.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        ]
+        names = {mb.node_id: mb.name for mb in members}
+        return self.core.membership(alive, names, self.clocks.mono())
+
+    def _on_member_change(self, member: Member, old: MemberState | None, new: MemberState) -> None:
+        if old == new:
+            return  # metadata only
+        self.spawn(self._member_changed(), "membership change")
+
+    async def _member_changed(self) -> None:
+        await self.apply(self._membership_event())
+        self.wake()
+
+    # --- the local worker adaptor ----------------------------------------------------------
+
+    def _execute(self, action: Execute) -> None:
+        rec = self.core.replica.plan(action.plan_id)
+        if rec is None:
+            log.warning("dispatch for an unknown plan plan=%s", action.plan_id)
+            return
+        plan = rec.document.plan
+        credentials = unseal_credentials(self.keyring, rec.document.sealed_auth)
+        # Blob sharing builds each blob's tree from the nodes that need the same bits.
+        needing: dict[str, set[str]] = {}
+        for planned in rec.items:
+            needing.setdefault(planned.digest, set()).add(planned.node_id)
+        items = []
+        for it in action.items:
+            auth = None
+            if plan.action == "pull":
+                with contextlib.suppress(HounddError, ValueError):
+                    auth = plan_auth(it.image, credentials)
+            items.append(
+                LocalWork(
+                    op=plan.action,
+                    image=it.image,
+                    digest=it.digest,
+                    attempt=it.attempt,
+                    timeout_s=it.timeout_s,
+                    pull_policy=plan.policy.pull_policy,
+                    auth=auth,
+                    peers=tuple(sorted(needing.get(it.digest, ()))) if it.digest else (),
+                )
+            )
+        self.local.submit(
+            action.plan_id, items, per_node_parallelism=plan.policy.per_node_parallelism
+        )
+
+    def _forget_finished(self) -> None:
+        """Drop the executor's memory of plans that are final here: its job table would
+        otherwise grow for the life of the daemon."""
+        replica = self.core.replica
+        for rec in replica.plans():
+            results = replica.results(rec.plan_id)
+            mine = [
+                results.get((it.node_id, it.image))
+                for it in rec.items
+                if it.node_id == self.node_id
+            ]
+            if replica.cancelled(rec.plan_id) or all(r is not None and r.is_final for r in mine):
+                self.local.forget(rec.plan_id)

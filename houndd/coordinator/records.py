@@ -1,0 +1,166 @@
+"""The replicated records of plan state: one type per concept, in memory, on the wire and in
+the store.
+
+A `PlanRecord` is an accepted plan: its immutable `PlanDocument` and its `PlanItem`s (one per
+node x image, with the resolved digest). A `CancelRecord` cancels a plan, an `AbortRecord`
+tombstones a plan that was never acknowledged, and a `ResultRecord` is one entry of the result
+lattice (`houndd.coordinator.results`). The same classes travel in PLAN_PUT, RESULTS, CANCEL
+and SYNC_ITEMS (`houndd.coordinator.messages`) and are written by the `Store`; every field is
+bounded for the wire schema, and a document's plan is validated whenever one is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from houndd.coordinator.plan import PlanSpec, validate_plan
+from houndd.coordinator.plan.model import (
+    MAX_IMAGE_ENTRIES,
+    MAX_LABEL_CHARS,
+    MAX_NODES_ENTRIES,
+    MAX_SELECTOR_LABELS,
+    MAX_TARGETS,
+)
+from houndd.coordinator.results import ItemResult
+from houndd.errors import PlanError
+from houndd.wire import schema
+from houndd.wire.fields import (
+    MAX_ITEMS,
+    MAX_NAME_CHARS,
+    Counter,
+    Digest,
+    ImageName,
+    Name,
+    NodeId,
+    PlanId,
+    ShortText,
+    Text,
+    Timestamp,
+    printable_problem,
+)
+from houndd.wire.schema import LOCAL, OMIT_NONE, Check, Size, Validated
+
+MAX_MEMBER_NAMES = 8192
+"""Node id -> name entries one plan document records (the members at acceptance)."""
+MAX_SEALED_AUTH_CHARS = 1 << 20
+"""The sealed credentials of a plan (base64 of at most 100 registries' secrets)."""
+
+Via = Annotated[str, Size(0, MAX_NAME_CHARS), Check(printable_problem, "printable")]
+SelectorKey = Annotated[str, Size(1, MAX_LABEL_CHARS)]
+SelectorValue = Annotated[str, Size(0, MAX_LABEL_CHARS)]
+Selector = Annotated[dict[SelectorKey, SelectorValue], Size(1, MAX_SELECTOR_LABELS)]
+
+
+@dataclass(frozen=True)
+class Group:
+    """The nodes that need one image (the paper's classification), with its digest."""
+
+    image: ImageName
+    digest: Digest
+    nodes: Annotated[tuple[Name, ...], Size(0, MAX_ITEMS)]
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """Why an image could not be resolved at submission (no node pulls it)."""
+
+    reason: ShortText
+    detail: Text
+
+
+@dataclass(frozen=True)
+class PlanDocument:
+    """The immutable document of an accepted plan.
+
+    `spec` is the validated plan without credentials (`PlanSpec.to_document()`); registry
+    credentials travel only sealed with the cluster key, in `sealed_auth`. `plan` is `spec`
+    parsed, built (and so validated) whenever a document is.
+    """
+
+    spec: Annotated[dict[str, Any], Validated("PlanDocument.__post_init__: validate_plan")]
+    groups: Annotated[tuple[Group, ...], Size(0, MAX_IMAGE_ENTRIES)] = ()
+    names: Annotated[dict[NodeId, Name], Size(0, MAX_MEMBER_NAMES)] = field(default_factory=dict)
+    unknown_nodes: Annotated[tuple[Name, ...], Size(0, MAX_NODES_ENTRIES)] = ()
+    empty_selectors: Annotated[tuple[Selector, ...], Size(0, MAX_TARGETS)] = ()
+    unresolved: Annotated[dict[ImageName, Unresolved], Size(0, MAX_IMAGE_ENTRIES)] = field(
+        default_factory=dict
+    )
+    sealed_auth: Annotated[str, Size(1, MAX_SEALED_AUTH_CHARS)] | None = field(
+        default=None, metadata=OMIT_NONE
+    )
+    via: Via = ""
+    plan: PlanSpec = field(init=False, repr=False, compare=False, metadata=LOCAL)
+
+    def __post_init__(self) -> None:
+        if "auth" in self.spec:
+            raise PlanError("spec.auth", "credentials travel sealed, never in the plan")
+        try:
+            plan = validate_plan(self.spec)
+        except PlanError as e:
+            raise PlanError(f"spec.{e.field}", e.reason) from None
+        object.__setattr__(self, "plan", plan)
+
+    @classmethod
+    def of(cls, spec: PlanSpec, **fields: Any) -> PlanDocument:
+        """The document of `spec` (its credentials go in `sealed_auth`, sealed by the caller)."""
+        return cls(spec=spec.to_document(), **fields)
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One (node, image) of a plan with its resolved digest and size."""
+
+    node_id: NodeId
+    image: ImageName
+    digest: Digest
+    size_bytes: Counter
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """An accepted plan. `document` never changes; `committed` turns on once acknowledged."""
+
+    plan_id: PlanId
+    document: PlanDocument
+    items: Annotated[tuple[PlanItem, ...], Size(0, MAX_ITEMS)]
+    accepted_at: Timestamp
+    committed: bool
+
+    def content_hash(self) -> str:
+        """Hash of the immutable part (document and items), the same on every node."""
+        items = [[i.node_id, i.image, i.digest, i.size_bytes] for i in self.items]
+        blob = json.dumps(
+            [schema.encode(self.document), items], sort_keys=True, separators=(",", ":")
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CancelRecord:
+    """The plan was cancelled at `cancelled_at` (first cancel wins)."""
+
+    plan_id: PlanId
+    cancelled_at: Timestamp
+
+
+@dataclass(frozen=True)
+class AbortRecord:
+    """Tombstone: the tentative plan was never acknowledged and must not run."""
+
+    plan_id: PlanId
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One merged result of the lattice, keyed by (plan, node, image)."""
+
+    plan_id: PlanId
+    node_id: NodeId
+    image: ImageName
+    result: ItemResult
+
+
+Record = PlanRecord | CancelRecord | AbortRecord | ResultRecord
