@@ -27,7 +27,7 @@ import os
 import re
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from houndd.errors import NO_SPACE, PULL_FAILED, PullError, pull_error
@@ -234,7 +234,7 @@ class BlobCache:
             except FileNotFoundError:
                 self._forget(digest)
 
-    async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
+    async def read(self, digest: str, offset: int = 0) -> AsyncGenerator[bytes, None]:
         """Stream a complete blob from `offset`. The blob cannot be evicted while read."""
         if digest not in self._blobs:
             raise KeyError(digest)

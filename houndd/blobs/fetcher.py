@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -167,7 +167,7 @@ class Fetcher:
 
     def open(
         self, want: BlobWant, offset: int = 0, *, reader: str = "dockerd"
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The blob's bytes from `offset`, from the cache or as its download proceeds.
 
         Starts the download if none runs. Raises right away (not when read): PullError "no
@@ -220,15 +220,17 @@ class Fetcher:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def _counted(self, stream: AsyncIterator[bytes], reader: str) -> AsyncIterator[bytes]:
+    async def _counted(
+        self, stream: AsyncGenerator[bytes, None], reader: str
+    ) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in stream:
                 self.stats.served_bytes[reader] += len(chunk)
                 yield chunk
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
-    async def _read(self, dl: _Download, offset: int) -> AsyncIterator[bytes]:
+    async def _read(self, dl: _Download, offset: int) -> AsyncGenerator[bytes, None]:
         if dl.done:
             async for chunk in self.cache.read(dl.digest, offset):
                 yield chunk
@@ -397,7 +399,7 @@ class Fetcher:
         dl.source = source
         kind = "registry" if source.is_registry else "peer"
         stall_s = self._stall_s * (REGISTRY_PATIENCE if source.is_registry else 1)
-        stream = self._transfers.open(source, dl.want, dl.partial.written).__aiter__()
+        stream = self._transfers.open(source, dl.want, dl.partial.written)
         try:
             while dl.partial.written < dl.size:
                 try:
@@ -414,7 +416,7 @@ class Fetcher:
                 self.stats.fetched_bytes[kind] += len(chunk)
                 dl.notify()
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         if dl.partial.written < dl.size:
             raise SourceError("unreachable", f"stream ended at {dl.partial.written} of {dl.size}")
 

@@ -315,7 +315,7 @@ class LoopbackRegistry:
         except ConnectionResetError:
             pass  # dockerd went away (its pull was cancelled)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         return resp
 
     def _prefetch_after(self, session: LoopbackSession, digest: str) -> None:

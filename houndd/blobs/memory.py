@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,7 +66,7 @@ class MemoryTransfers:
     ) -> None:
         self.faults[node_id] = Fault(kind, after_bytes, times)
 
-    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncIterator[bytes]:
+    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncGenerator[bytes, None]:
         self.requests.append((source, want.digest, offset))
         return self._stream(source, want, offset)
 
@@ -80,7 +80,9 @@ class MemoryTransfers:
                 del self.faults[key]
         return fault
 
-    async def _stream(self, source: Source, want: BlobWant, offset: int) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, source: Source, want: BlobWant, offset: int
+    ) -> AsyncGenerator[bytes, None]:
         key = source.node_id
         fault = self._take_fault(key)
         if fault is not None and fault.kind == "down":

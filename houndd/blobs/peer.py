@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -172,7 +172,7 @@ class PeerBlobServer:
         except ConnectionResetError:
             pass  # the peer went away: it resumes elsewhere
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         return resp
 
 
@@ -232,7 +232,9 @@ class PeerClient:
             password=auth.password if auth else "",
         )
 
-    async def stream(self, source: Source, want: BlobWant, offset: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, source: Source, want: BlobWant, offset: int
+    ) -> AsyncGenerator[bytes, None]:
         """The blob from `offset` as `source` (a peer) sends it; SourceError on any failure,
         including a stream that ends without the server's end frame."""
         address = self._address_of(source.node_id)

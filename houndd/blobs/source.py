@@ -7,7 +7,7 @@ One conformance suite (tests/blobs/test_transfers_conformance.py) runs against b
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -74,7 +74,7 @@ class Transfers(Protocol):
     `SourceError`, raised when the stream is first read or at any later point.
     """
 
-    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncIterator[bytes]: ...
+    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncGenerator[bytes, None]: ...
 
 
 class NetworkTransfers:
@@ -85,12 +85,12 @@ class NetworkTransfers:
         self._registry = registry
         self._peers = peers
 
-    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncIterator[bytes]:
+    def open(self, source: Source, want: BlobWant, offset: int) -> AsyncGenerator[bytes, None]:
         if source.is_registry:
             return self._from_registry(want, offset)
         return self._peers.stream(source, want, offset)
 
-    async def _from_registry(self, want: BlobWant, offset: int) -> AsyncIterator[bytes]:
+    async def _from_registry(self, want: BlobWant, offset: int) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._registry.stream_blob(
                 want.ctx.name, want.digest, auth=want.ctx.auth, offset=offset

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -286,7 +286,7 @@ class RegistryClient:
         auth: RegistryAuth | None = None,
         offset: int = 0,
         connect_timeout_s: float = 30.0,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The bytes of blob `digest` of repository `name` from `offset` on, as they arrive.
 
         Not verified here: the caller hashes the whole blob. Raises PullError:

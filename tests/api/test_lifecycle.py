@@ -113,7 +113,7 @@ def test_cancel_of_a_finished_plan_is_refused_and_changes_nothing(
     engine = FakeEngine(any_image_size=1 << 20, pull_duration_s=0.05)
     with running_daemon(tmp_path / "fin", engine=engine) as node:
         node.wait_coordinator()
-        core = node.daemon.service.core
+        core = node.daemon.service.runtime.core
         done = node.submit({"name": "ok", "targets": [{"images": [image], "all": True}]})["id"]
         failed = node.submit({"name": "ko", "targets": [{"images": [missing], "all": True}]})["id"]
         engine.pull_duration_s = 30.0

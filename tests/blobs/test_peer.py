@@ -95,9 +95,9 @@ async def test_bad_fields_of_a_member_are_a_clear_400(
     for payload in (
         {"digest": "sha256:" + "1" * 64},  # missing fields
         {**schema.encode(BlobRequest(
-            digest="sha256:" + "1" * 64, size=10, offset=11, through=False, plan="p",
+            digest="sha256:" + "1" * 64, size=10, offset=10, through=False, plan="p",
             name=f"{registry.address}/{repo}", image=IMAGE, nodes=(), chain=(), key=bytes(32),
-        ))},  # offset past the end
+        )), "offset": 11},  # offset past the end
     ):  # fmt: skip
         status, body = await post(server, member.seal(MsgType.BLOB_GET, payload, time.time()))
         assert status == 400, body
