@@ -17,8 +17,11 @@ Submissions go to the coordinator (like the paper's master) and, separately, to 
 
 Simulated: `--sim-n` NodeCores in one process (`houndd.sim.cluster.Cluster`, no faults, zero
 network delay, lan() timings): CPU time from `submit` to every node having executed its
-dispatch: the cost of the pure cores (replication, scheduling, dispatch handling). And the
-bare `Scheduler` for the same plan: construction + `start()`.
+dispatch: the cost of the pure cores (replication, scheduling, dispatch handling). The
+simulator passes payload objects by reference, so every message to or from the coordinator
+is also encoded, sealed (signed, encrypted) and opened with real `Wire`s, and that CPU is
+counted as the coordinator's: its critical path in a real daemon. And the bare `Scheduler`
+for the same plan: construction + `start()`.
 
     .venv/bin/python bench/dispatch.py [--n 10] [--runs 10] [--sim-n 1000] [--sim-runs 3]
 
@@ -62,7 +65,8 @@ from houndd.coordinator.plan import Policy  # noqa: E402
 from houndd.coordinator.records import PlanDocument, PlanItem  # noqa: E402
 from houndd.coordinator.scheduler import Scheduler  # noqa: E402
 from houndd.sim.cluster import Cluster, _Node  # noqa: E402
-from houndd.wire.payloads import msg_type_of  # noqa: E402
+from houndd.wire import Keyring, NodeIdentity, Wire  # noqa: E402
+from houndd.wire.payloads import decode_payload, encode_payload, msg_type_of  # noqa: E402
 from tests.fixtures.services import start_registry  # noqa: E402
 from tests.procs import http  # noqa: E402
 
@@ -165,6 +169,15 @@ class _DispatchWatch(Cluster):
     """
 
     def __init__(self, *args: Any, **kw: Any) -> None:
+        keyring = Keyring.generate()
+        self._wire_me = Wire(
+            cluster_id="bench", keyring=keyring, identity=NodeIdentity.generate(), boot_epoch=1
+        )
+        self._wire_peer = Wire(
+            cluster_id="bench", keyring=keyring, identity=NodeIdentity.generate(), boot_epoch=1
+        )
+        self.wire_cpu = 0.0  # the watched node's sealing/opening (part of coord_cpu)
+        self.wire_bytes: dict[str, int] = {}  # sealed bytes to or from the watched node, by type
         self.executed: dict[str, float] = {}
         self.sent: dict[str, int] = {}
         self.watched = ""
@@ -191,12 +204,43 @@ class _DispatchWatch(Cluster):
     def _send(self, src: str, dst: str, payload: Any) -> None:
         kind = msg_type_of(payload).name
         self.sent[kind] = self.sent.get(kind, 0) + 1
+        self._wire_cost(src, dst, payload)
         super()._send(src, dst, payload)
+
+    def _replied(self, src: str, dst: str, payload: Any) -> None:
+        kind = msg_type_of(payload).name
+        self.sent[kind] = self.sent.get(kind, 0) + 1
+        self._wire_cost(src, dst, payload)
+
+    def _wire_cost(self, src: str, dst: str, payload: Any) -> None:
+        """What the watched node (the coordinator) would spend on this message in a real
+        daemon: encoding and sealing what it sends, opening and decoding what it receives.
+        The simulator itself passes payload objects by reference."""
+        if self.watched not in (src, dst) or src == dst:
+            return
+        kind, body = encode_payload(payload)
+        now = time.time()
+        if src == self.watched:
+            t = time.process_time()
+            data = self._wire_me.seal(*encode_payload(payload), now)
+            spent = time.process_time() - t
+        else:
+            data = self._wire_peer.seal(kind, body, now)
+            t = time.process_time()
+            env = self._wire_me.open(data, now, max_size=1 << 30)
+            decode_payload(env.type, env.payload)
+            spent = time.process_time() - t
+        self.wire_cpu += spent
+        self.coord_cpu += spent
+        self.wire_bytes[kind.name] = self.wire_bytes.get(kind.name, 0) + len(data)
 
     def _execute(self, node: _Node, act: Execute) -> None:
         self.executed.setdefault(node.node_id, time.process_time())
 
     def _request(self, node: _Node, req: Request) -> None:
+        kind = msg_type_of(req.payload).name
+        self.sent[kind] = self.sent.get(kind, 0) + 1
+        self._wire_cost(node.node_id, req.node_id, req.payload)
         if isinstance(req.payload, Dispatch) and node.node_id == self.watched:
             self.dispatch_targets.add(req.node_id)
             self.coord_cpu_at_dispatch = self.coord_cpu
@@ -243,7 +287,7 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
     """
     image = "registry.local:5000/bench/img:1"
     digest = "sha256:" + "ab" * 32
-    ids = [f"n{i}" for i in range(n)]  # the simulator's node ids
+    ids = [f"{i:016x}" for i in range(n)]  # the simulator's node ids (wire_ids)
     items = tuple(PlanItem(nid, image, digest, 1000) for nid in ids)
     # The bare scheduler for the same plan, before the simulation fills the heap (and after
     # the previous run's garbage is gone: a gen-2 collection would dominate the number).
@@ -256,7 +300,7 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
 
     t_build = time.process_time()
     c = _DispatchWatch(seed, n, config=lan(plan_replicas=2), faults=False, plans=0, loss=0.0,
-                       fail_rate=0.0)  # fmt: skip
+                       fail_rate=0.0, wire_ids=True)  # fmt: skip
     c.delay = (0.0, 0.0)  # no network: only the cores' own cost is measured
 
     def coordinator() -> _Node | None:
@@ -315,6 +359,8 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
         "coordinator_cpu_to_last_dispatch_s": c.coord_cpu_at_dispatch,
         "coordinator_dispatch_requests": len(c.dispatch_targets),
         "coordinator_cpu_total_s": c.coord_cpu,
+        "coordinator_wire_cpu_s": c.wire_cpu,
+        "coordinator_wire_bytes": dict(c.wire_bytes),
         "coordinator_cpu_to_last_dispatch_by_event": {
             k: {"calls": calls, "cpu_s": round(cpu, 4)}
             for k, (calls, cpu) in sorted(

@@ -107,7 +107,10 @@ class Cluster:
         loss: float | None = None,
         fail_rate: float | None = None,
         pull_s: tuple[float, float] = (0.02, 0.5),
+        wire_ids: bool = False,
     ) -> None:
+        """`wire_ids`: node ids as on the wire (16 hex digits) instead of n0, n1, ..., for
+        benchmarks that encode the messages."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.cfg = config or sim_config()
@@ -115,7 +118,7 @@ class Cluster:
         self._q: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self.events = 0
-        self.ids = [f"n{i}" for i in range(n)]
+        self.ids = [f"{i:016x}" if wire_ids else f"n{i}" for i in range(n)]
         self.nodes = {i: _Node(i) for i in self.ids}
         self.group: dict[str, int] = dict.fromkeys(self.ids, 0)
         r = self.rng
@@ -282,6 +285,7 @@ class Cluster:
             self._do(node, node.core.request_failed(req.token, self.now))
 
         def answer(r: Reply) -> None:
+            self._replied(dst, src, r.payload)
             if self.rng.random() < self.loss:
                 return
 
@@ -308,6 +312,9 @@ class Cluster:
         self.at(self.now + self.cfg.peer_request_timeout_s, fail)
         if isinstance(req.payload, Dispatch):
             self._note_dispatch()
+
+    def _replied(self, src: str, dst: str, payload: Any) -> None:
+        """A request's reply leaves `src` for `dst` (a hook for benchmarks that count)."""
 
     def _note_dispatch(self) -> None:
         after = self.first_dispatch_after
