@@ -86,6 +86,16 @@ class Config:
     max_http_body_bytes: int = _doc(
         "cap on any HTTP request body; caps memory a client or peer can force", default=1 << 20
     )
+    max_event_streams: int = _doc(
+        "plan event streams (GET /v1/plans/{id}/events) one node serves at once; caps the memory "
+        "and CPU readers can force (beyond it: 503, follow through another node)",
+        default=1024,
+    )
+    stream_queue_events: int = _doc(
+        "event batches a stream reader may fall behind before it is dropped with a `dropped` "
+        "event (its client reconnects to a fresh snapshot)",
+        default=64,
+    )
     submit_wait_s: float = _doc(
         "how long a submission waits for a coordinator before answering 503", default=5.0
     )
@@ -126,7 +136,13 @@ class Config:
         "electing itself alone; a lone node becomes coordinator after it",
         default=3.0,
     )
-    anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=1.0)
+    anti_entropy_interval_s: float = _doc(
+        "digest exchange period while a plan is open or a result may be unreported", default=1.0
+    )
+    anti_entropy_idle_s: float = _doc(
+        "full digest exchange period at rest (a safety net: nothing to settle, nothing sent)",
+        default=30.0,
+    )
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
     keep_present_interval_s: float = _doc(
         "how often a node checks it holds the images of keep_present plans", default=60.0
@@ -237,6 +253,7 @@ _LOCAL_TIMINGS: dict[str, Any] = {
     "election_timeout_max_s": 0.25,
     "join_window_s": 1.0,
     "anti_entropy_interval_s": 0.3,
+    "anti_entropy_idle_s": 3.0,
     "peer_request_timeout_s": 2.0,
     "node_return_timeout_s": 20.0,
     "keep_present_interval_s": 1.0,
@@ -274,6 +291,9 @@ def _validate(c: Config) -> None:
         raise ConfigError("port", f"expected 1..65535, got {c.port}")
     if c.plan_replicas < 1:
         raise ConfigError("plan_replicas", f"expected >= 1, got {c.plan_replicas}")
+    for key in ("max_event_streams", "stream_queue_events"):
+        if getattr(c, key) < 1:
+            raise ConfigError(key, f"expected >= 1, got {getattr(c, key)}")
     if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {c.log_level!r}"

@@ -509,7 +509,7 @@ class Daemon:
             # from the plan views, so items that failed before dispatch (an image the registry
             # does not have) count as failed like any other
             counts = dict.fromkeys(ITEM_STATES, 0.0)
-            for view in self.service.plans():
+            for view in self.service.views.local_plans():
                 for state, n in (view.get("summary") or {}).items():
                     if state in counts:
                         counts[state] += n
@@ -699,46 +699,17 @@ class Daemon:
         self.metrics.plans_submitted.inc()
         return schema.encode(accepted)
 
-    def plans(self) -> list[dict[str, Any]]:
-        return self.service.plans()
+    async def plans(self) -> list[dict[str, Any]]:
+        return await self.service.plans()
 
-    def plan(self, plan_id: str) -> dict[str, Any] | None:
-        view = self.service.plan(plan_id)
-        return self._with_node_states(view) if view is not None else None
-
-    def _with_node_states(self, view: dict[str, Any]) -> dict[str, Any]:
-        """The view with each item's `node_state` and, for an unfinished item of a dead node,
-        `unavailable_in_s`: about how long until it fails as 'node unavailable' (counted from
-        when this node last heard the target). Rows are copied: the service compares them."""
-        if "items" not in view:
-            return view
-        return {**view, "items": [self._with_node_state(row) for row in view["items"]]}
-
-    def _with_node_state(self, row: dict[str, Any]) -> dict[str, Any]:
-        node_id = row.get("node_id")
-        member = self.membership.get(node_id) if node_id else self.membership.by_name(row["node"])
-        out = {**row, "node_state": member.state.value if member else "unknown"}
-        down = member is not None and member.state in (MemberState.DEAD, MemberState.LEFT)
-        if member is not None and down and not row.get("final"):
-            deadline = member.last_heard + self.config.node_return_timeout_s
-            out["unavailable_in_s"] = round(max(0.0, deadline - time.time()), 1)
-        return out
+    async def plan(self, plan_id: str) -> dict[str, Any] | None:
+        return await self.service.plan(plan_id)
 
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None:
         return await self.service.cancel(plan_id)
 
-    async def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        events = self.service.events(plan_id)
-        try:
-            async for event in events:
-                if isinstance(event.get("plan"), dict):
-                    yield {**event, "plan": self._with_node_states(event["plan"])}
-                elif isinstance(event.get("item"), dict):
-                    yield {**event, "item": self._with_node_state(event["item"])}
-                else:
-                    yield event
-        finally:
-            await events.aclose()
+    def plan_events(self, plan_id: str) -> AsyncGenerator[bytes, None]:
+        return self.service.events(plan_id)
 
     async def peer(self, data: bytes, source: str | None) -> bytes:
         try:

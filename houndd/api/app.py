@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from houndd import __version__
 from houndd.api.openapi import openapi_document
 from houndd.api.problems import PROBLEM_TYPE, ProblemError, problem
+from houndd.coordinator.views import TooManyStreams
 from houndd.errors import (
     HounddError,
     NoCoordinatorError,
@@ -39,6 +40,11 @@ log = logging.getLogger("houndd.api")
 
 OPEN_PATHS = frozenset({"/v1/health", "/metrics", "/v1/openapi.json", "/v1/peer", "/v1/peer/blob"})
 SSE_KEEPALIVE_S = 15.0
+SSE_WRITE_PIECE = 64 * 1024
+"""An event batch is written in pieces of this size, so a reader that does not read holds at
+most about two pieces in our buffers (aiohttp waits for the socket beyond 64 KiB)."""
+SSE_WRITE_TIMEOUT_S = 30.0
+"""A reader that takes longer than this to accept one piece is gone: its stream is closed."""
 
 
 class NodeApi(Protocol):
@@ -52,10 +58,10 @@ class NodeApi(Protocol):
     async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]: ...
     async def keys(self, op: str, key: bytes | None) -> dict[str, Any]: ...
     async def submit_plan(self, body: bytes, content_type: str) -> dict[str, Any]: ...
-    def plans(self) -> list[dict[str, Any]]: ...
-    def plan(self, plan_id: str) -> dict[str, Any] | None: ...
+    async def plans(self) -> list[dict[str, Any]]: ...
+    async def plan(self, plan_id: str) -> dict[str, Any] | None: ...
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
-    def plan_events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]: ...
+    def plan_events(self, plan_id: str) -> AsyncGenerator[bytes, None]: ...
     async def peer(self, data: bytes, source: str | None) -> bytes: ...
     async def peer_blob(self, request: web.Request) -> web.StreamResponse: ...
     def metrics_text(self) -> tuple[bytes, str]: ...
@@ -80,6 +86,8 @@ async def problem_middleware(
         return problem(400, "invalid plan", e.reason, field=e.field)
     except NoCoordinatorError as e:
         return problem(503, "no coordinator", str(e), headers={"Retry-After": "2"})
+    except TooManyStreams as e:
+        return problem(503, "too many event streams", str(e), headers={"Retry-After": "2"})
     except ReplicationError as e:
         return problem(503, "plan not replicated", str(e), headers={"Retry-After": "2"})
     except web.HTTPRequestEntityTooLarge:
@@ -268,23 +276,23 @@ async def plan_submit(request: web.Request) -> web.Response:
 
 
 async def plan_list(request: web.Request) -> web.Response:
-    return _json({"plans": request.app[NODE].plans()})
+    return _json({"plans": await request.app[NODE].plans()})
 
 
-def _plan_or_404(request: web.Request) -> tuple[str, dict[str, Any]]:
+async def _plan_or_404(request: web.Request) -> tuple[str, dict[str, Any]]:
     plan_id = request.match_info["plan_id"]
-    plan = request.app[NODE].plan(plan_id)
+    plan = await request.app[NODE].plan(plan_id)
     if plan is None:
         raise ProblemError(404, "unknown plan", f"no plan {plan_id!r}", field="plan_id")
     return plan_id, plan
 
 
 async def plan_get(request: web.Request) -> web.Response:
-    return _json(_plan_or_404(request)[1])
+    return _json((await _plan_or_404(request))[1])
 
 
 async def plan_cancel(request: web.Request) -> web.Response:
-    plan_id, _ = _plan_or_404(request)
+    plan_id, _ = await _plan_or_404(request)
     try:
         result = await request.app[NODE].cancel_plan(plan_id)
     except PlanFinishedError as e:
@@ -293,30 +301,42 @@ async def plan_cancel(request: web.Request) -> web.Response:
 
 
 async def plan_events(request: web.Request) -> web.StreamResponse:
-    plan_id, _ = _plan_or_404(request)
+    events = request.app[NODE].plan_events(request.match_info["plan_id"])
+    try:
+        first = await anext(events)  # a plan no node knows, or a full node, fails here
+    except StopAsyncIteration:
+        plan_id = request.match_info["plan_id"]
+        raise ProblemError(404, "unknown plan", f"no plan {plan_id!r}", field="plan_id") from None
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await resp.prepare(request)
-    events = request.app[NODE].plan_events(plan_id)
     try:
-        while True:
+        await resp.prepare(request)
+        chunk: bytes | None = first
+        while chunk is not None:
+            await _write_pieces(resp, chunk)
             try:
-                event = await asyncio.wait_for(anext(events), SSE_KEEPALIVE_S)
+                chunk = await asyncio.wait_for(anext(events), SSE_KEEPALIVE_S)
             except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
+                chunk = b": keepalive\n\n"
             except StopAsyncIteration:
-                break
-            kind = str(event.get("event", "update"))
-            data = json.dumps(event, default=str)
-            await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
+                chunk = None
     except (ConnectionResetError, asyncio.CancelledError):
         # the client went away; the stream is ours to end
         pass
+    except TimeoutError:
+        log.info("event stream reader too slow; closed remote=%s", request.remote)
     finally:
         await events.aclose()
     return resp
+
+
+async def _write_pieces(resp: web.StreamResponse, chunk: bytes) -> None:
+    # Slices of one shared batch: no reader gets a copy of what it has not been sent yet.
+    view = memoryview(chunk)
+    for start in range(0, len(view), SSE_WRITE_PIECE):
+        piece = view[start : start + SSE_WRITE_PIECE]
+        await asyncio.wait_for(resp.write(piece), SSE_WRITE_TIMEOUT_S)
 
 
 async def peer(request: web.Request) -> web.Response:

@@ -1,32 +1,44 @@
 """The coordinator role of a node's core (sans IO): submissions and the scheduling of plans.
 
-Submission (G1): the coordinator stores a plan as tentative, sends PLAN_PUT to the alive
-members and acknowledges the client (`AckClient`) once min(plan_replicas, alive members + 1)
-durable copies exist, itself included; on timeout the client gets a refusal and the tentative
-copies a best-effort PLAN_ABORT tombstone. A tentative plan whose coordinator died is run by the
-next one, never silently lost.
+Submission (G1): the coordinator stores a plan as tentative, sends PLAN_PUT to
+min(plan_replicas, alive members + 1) - 1 replicas (the member the client submitted through
+first: it is the one likely to serve the client's reads) and acknowledges the client
+(`AckClient`) once that many durable copies exist, itself included; a replica that refuses or
+cannot be reached is replaced by another member. Only the replicas receive the whole plan
+(a plan marked keep_present goes to every member: each checks it against its own images).
+Dispatching does not wait for the copies: the plan runs from its acceptance, and a plan that
+never gets its copies is aborted (the client gets a refusal, every member a PLAN_ABORT
+tombstone, and the targets stop). A tentative plan whose coordinator died is run by the next
+one, never silently lost.
 
 Scheduling: one pure `Scheduler` per open plan, rebuilt from the merged results on takeover
 (`Scheduler.restore`), so done and finally failed items are never dispatched again. Its
-dispatches go to workers as DISPATCH requests (to this node's own worker role directly); its
-final verdicts become result records. Outcomes are fanned out to every member in batches.
+dispatches go to workers as DISPATCH requests (to this node's own worker role directly), each
+carrying what the target needs to run its items (`PlanWork`, and who else needs each digest
+for blob sharing); its final verdicts become result records. Outcomes are fanned out in
+batches to the plan's holders: the replicas and nodes that fetched the plan to serve readers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import heapq
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from houndd.coordinator.cohorts import peer_cohorts
 from houndd.coordinator.election import Role
 from houndd.coordinator.messages import (
+    MAX_PEERS,
     AbortItems,
     AckClient,
     Action,
     Dispatch,
     DispatchReply,
+    Peers,
     Persist,
     PlanAbort,
     PlanAck,
@@ -35,7 +47,14 @@ from houndd.coordinator.messages import (
     Send,
 )
 from houndd.coordinator.node_state import NodeState
-from houndd.coordinator.records import PlanDocument, PlanItem, PlanRecord, Record, ResultRecord
+from houndd.coordinator.records import (
+    PlanDocument,
+    PlanItem,
+    PlanRecord,
+    PlanWork,
+    Record,
+    ResultRecord,
+)
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.scheduler import Abort as SchedAbort
 from houndd.coordinator.scheduler import Dispatch as SchedDispatch
@@ -45,8 +64,8 @@ from houndd.coordinator.worker_role import WorkerRole
 
 log = logging.getLogger("houndd.coordinator")
 
-FANOUT_DELAY_S = 0.05
-"""Outcomes reaching the coordinator within this window go to the members in one batch."""
+FANOUT_DELAY_S = 0.01
+"""Outcomes reaching the coordinator within this window go to the holders in one batch."""
 FANOUT_BATCH = 100
 """Result entries per RESULTS message (~200 bytes each: well inside one datagram)."""
 NOT_COORDINATOR = "not the coordinator"
@@ -57,9 +76,11 @@ OnChanges = Callable[[list[Record], float], list[Action]]
 
 @dataclass
 class _Run:
-    """The coordinator's scheduler for one plan."""
+    """The coordinator's scheduler for one plan, and what its dispatches carry."""
 
     scheduler: Scheduler
+    work: PlanWork
+    peers: dict[tuple[str, str], Peers]  # (digest, node) -> the node's blob-sharing cohort
     fed: set[tuple[str, str, int, str]] = field(default_factory=set)
 
 
@@ -71,6 +92,7 @@ class _Pending:
     needed: int
     deadline: float
     acks: set[str]
+    asked: set[str]  # replicas sent the plan (acked, waiting, or failed)
 
 
 class CoordinatorRole:
@@ -92,7 +114,7 @@ class CoordinatorRole:
         self._sched_opts = dict(scheduler_options or {})
         self._runs: dict[str, _Run] = {}
         self._pending: dict[str, _Pending] = {}
-        self._has_plan: dict[str, set[str]] = {}  # nodes known to store a plan
+        self._holders: dict[str, set[str]] = {}  # other nodes known to hold a plan
         self._fanout: dict[tuple[str, str, str], ResultRecord] = {}
         self._fanout_at: float | None = None
 
@@ -135,11 +157,25 @@ class CoordinatorRole:
         st = self._state
         if not st.is_coordinator:
             return []
+        by_plan: dict[str, list[ResultRecord]] = {}
+        for entry in entries:
+            by_plan.setdefault(entry.plan_id, []).append(entry)
         out: list[Action] = []
-        for i in range(0, len(entries), FANOUT_BATCH):
-            msg = Results(tuple(entries[i : i + FANOUT_BATCH]))
-            out.extend(Send(n, msg) for n in sorted(st.alive))
+        for pid, plan_entries in by_plan.items():
+            holders = sorted(self.holders(pid) & st.alive)
+            for i in range(0, len(plan_entries), FANOUT_BATCH):
+                msg = Results(tuple(plan_entries[i : i + FANOUT_BATCH]))
+                out.extend(Send(n, msg) for n in holders)
         return out
+
+    def holders(self, plan_id: str) -> set[str]:
+        """Other nodes known to hold the whole plan (its outcomes go to them)."""
+        return set(self._holders.get(plan_id, ()))
+
+    def add_holder(self, plan_id: str, node: str) -> None:
+        """`node` holds the whole plan (a replica, a reader's node, a digest said so)."""
+        if node != self._state.node_id and self._state.replica.plan(plan_id) is not None:
+            self._holders.setdefault(plan_id, set()).add(node)
 
     def members_changed(self, down: set[str], up: set[str], now: float) -> list[Action]:
         """Nodes went down or came back: their queues wait, or move again."""
@@ -159,7 +195,7 @@ class CoordinatorRole:
             return []
         if was is Role.COORDINATOR:
             self._runs.clear()
-            self._has_plan.clear()
+            self._holders.clear()
             log.info("coordinator role lost term=%d", st.election.term)
         if role is Role.COORDINATOR:
             out = self.start_open_runs(now)
@@ -189,7 +225,7 @@ class CoordinatorRole:
         st = self._state
         if not st.is_coordinator:
             return [AckClient(client_ref, False, NOT_COORDINATOR)]
-        rec = PlanRecord(plan_id, document, tuple(items), st.stamp(now), False)
+        rec = PlanRecord.of(plan_id, document, items, st.stamp(now), False)
         known = st.replica.plan(plan_id)
         if known is not None and known.content_hash() != rec.content_hash():
             return [AckClient(client_ref, False, "plan id already used")]
@@ -212,25 +248,80 @@ class CoordinatorRole:
                 return [AckClient(client_ref, False, "plan refused (store full or too large)")]
             out.append(Persist(tuple(changed)))
         needed = min(st.config.plan_replicas, len(st.alive) + 1)
-        pend = _Pending([client_ref], needed, now + self._ack_timeout_s, {st.node_id})
+        if rec.document.plan.policy.keep_present:
+            # Every member checks keep_present plans against its own images: all hold it.
+            replicas = sorted(st.alive)
+        else:
+            replicas = self._replica_candidates(rec, needed - 1)
+        pend = _Pending([client_ref], needed, now + self._ack_timeout_s, {st.node_id}, set())
         self._pending[plan_id] = pend
         log.info("plan accepted plan=%s items=%d copies_needed=%d", plan_id, len(rec.items), needed)
-        put = PlanPut(st.election.term, st.node_id, rec)
-        for node in sorted(st.alive):
-            out.append(st.request(node, put))
+        out.extend(self._put_to(rec, replicas, pend))
+        out.extend(self.start_run(rec, now))  # dispatch overlaps replication
         out.extend(self._check_commit(plan_id, now))
         return out
 
+    def _replica_candidates(self, rec: PlanRecord, count: int) -> list[str]:
+        """The first `count` alive members in the order they are asked to replicate `rec`:
+        the member the client submitted through first (it serves the client's reads), then
+        an order of the plan's own (rendezvous on the plan id), which spreads plans over the
+        members."""
+        st = self._state
+        via = next((n for n, name in st.names.items() if name == rec.document.via), None)
+
+        def rank(node: str) -> tuple[bool, bytes]:
+            weight = hashlib.blake2b(f"{rec.plan_id}|{node}".encode(), digest_size=8).digest()
+            return (node != via, weight)
+
+        return heapq.nsmallest(count, st.alive, key=rank)
+
+    def _put_to(self, rec: PlanRecord, nodes: Iterable[str], pend: _Pending) -> list[Action]:
+        st = self._state
+        put = PlanPut(st.election.term, st.node_id, rec)
+        out: list[Action] = []
+        for node in nodes:
+            pend.asked.add(node)
+            out.append(st.request(node, put))
+        return out
+
+    def replica_failed(self, node: str, plan_id: str, now: float) -> list[Action]:
+        """A replica did not store the plan (refused, unreachable): ask another member."""
+        pend = self._pending.get(plan_id)
+        rec = self._state.replica.plan(plan_id)
+        if pend is None or rec is None or node in pend.acks:
+            return []
+        ranked = self._replica_candidates(rec, len(pend.asked) + 1)
+        spare = [n for n in ranked if n not in pend.asked]
+        return self._put_to(rec, spare[:1], pend)
+
     def on_plan_ack(self, sender: str, p: PlanAck, now: float) -> list[Action]:
         """A replica stored a plan durably."""
-        if p.node != sender or not p.ok:
+        if p.node != sender:
             return []
-        self._has_plan.setdefault(p.plan_id, set()).add(sender)
+        if not p.ok:
+            return self.replica_failed(sender, p.plan_id, now)
+        out: list[Action] = []
+        if sender not in self.holders(p.plan_id):
+            self.add_holder(p.plan_id, sender)
+            # Dispatch did not wait for this copy: outcomes fanned out before it was stored
+            # went to nobody there, so they follow now.
+            out.extend(self._catch_up(p.plan_id, sender))
         pend = self._pending.get(p.plan_id)
         if pend is None:
-            return []
+            return out
         pend.acks.add(sender)
-        return self._check_commit(p.plan_id, now)
+        return out + self._check_commit(p.plan_id, now)
+
+    def _catch_up(self, plan_id: str, node: str) -> list[Action]:
+        finals = [
+            ResultRecord(plan_id, n, image, res)
+            for (n, image), res in self._state.replica.results(plan_id).items()
+            if res.is_final
+        ]
+        return [
+            Send(node, Results(tuple(finals[i : i + FANOUT_BATCH])))
+            for i in range(0, len(finals), FANOUT_BATCH)
+        ]
 
     def on_dispatch_reply(self, sender: str, p: DispatchReply, now: float) -> list[Action]:
         """An accepted dispatch ends the node's absence, if it was away. A refused one is a
@@ -243,8 +334,6 @@ class CoordinatorRole:
             return []
         if p.accepted:
             return self._sched_actions(p.plan_id, run.scheduler.on_reachable(sender, now), now)
-        if p.reason == "unknown plan":
-            self._has_plan.get(p.plan_id, set()).discard(sender)
         out: list[Action] = []
         for image in run.scheduler.in_flight(sender):
             attempt = run.scheduler.item(sender, image).attempt
@@ -325,7 +414,7 @@ class CoordinatorRole:
         """Coordinator: schedule a plan (if it is open and not scheduled yet)."""
         st = self._state
         pid = rec.plan_id
-        if pid in self._runs or pid in self._pending or st.replica.cancelled(pid):
+        if pid in self._runs or st.replica.cancelled(pid) or st.replica.is_aborted(pid):
             return []
         if not st.replica.remaining(pid):
             return []
@@ -348,12 +437,33 @@ class CoordinatorRole:
             )
         policy = rec.document.plan.policy
         sched = Scheduler.restore(restored, policy, rng=st.rng, **self._sched_opts)
-        self._runs[pid] = _Run(sched)
-        self._has_plan.setdefault(pid, set())
+        holders = [st.node_id, *sorted(self.holders(pid) | self._asked(pid))]
+        self._runs[pid] = _Run(sched, PlanWork.of(rec, holders), self._peers_of(rec))
         out: list[Action] = []
         for node in sorted({i.node_id for i in rec.items} - st.alive - {st.node_id}):
             out.extend(self._sched_actions(pid, sched.on_node_down(node, now), now))
         out.extend(self._sched_actions(pid, sched.start(now), now))
+        return out
+
+    def _asked(self, pid: str) -> set[str]:
+        pend = self._pending.get(pid)
+        return set(pend.asked) if pend is not None else set()
+
+    def _peers_of(self, rec: PlanRecord) -> dict[tuple[str, str], Peers]:
+        """Blob sharing: for each (digest, node), the nodes of the plan that need that digest
+        (a cohort of them in a very big group), one shared value per cohort."""
+        if not self._state.config.p2p or rec.document.plan.action != "pull":
+            return {}
+        nodes: dict[str, list[str]] = {}
+        for item in rec.items:
+            if item.digest:
+                nodes.setdefault(item.digest, []).append(item.node_id)
+        out: dict[tuple[str, str], Peers] = {}
+        for digest, members in nodes.items():
+            for cohort in peer_cohorts(digest, members, MAX_PEERS):
+                peers = Peers(digest, ",".join(cohort))
+                for node in cohort:
+                    out[(digest, node)] = peers
         return out
 
     def _sched_actions(self, pid: str, actions: Iterable[object], now: float) -> list[Action]:
@@ -361,16 +471,22 @@ class CoordinatorRole:
         out: list[Action] = []
         changed: list[Record] = []
         term, me = st.election.term, st.node_id
+        run = self._runs.get(pid)
         for act in actions:
             if isinstance(act, SchedDispatch):
-                msg = Dispatch(term, me, pid, act.items)
+                if run is None:
+                    continue
+                peers = {
+                    id(p): p
+                    for p in (run.peers.get((i.digest, act.node)) for i in act.items)
+                    if p is not None
+                }
+                rec = st.replica.plan(pid)
+                committed = rec is not None and rec.committed
+                msg = Dispatch(term, me, pid, act.items, run.work, tuple(peers.values()), committed)
                 if act.node == me:
                     out.extend(self._worker.on_dispatch(me, msg, now, local=True))
                 else:
-                    rec = st.replica.plan(pid)
-                    if rec is not None and act.node not in self._has_plan.get(pid, set()):
-                        # The node may have missed PLAN_PUT: push the plan ahead of the dispatch.
-                        out.append(Send(act.node, PlanPut(term, me, rec)))
                     out.append(st.request(act.node, msg))
             elif isinstance(act, SchedAbort):
                 if act.node == me:
@@ -378,7 +494,6 @@ class CoordinatorRole:
                 else:
                     out.append(Send(act.node, AbortItems(term, me, pid, act.images)))
             elif isinstance(act, SchedFinal) and act.state != "done":
-                run = self._runs.get(pid)
                 attempt = run.scheduler.item(act.node, act.image).attempt if run else 0
                 state = ItemState(act.state)
                 res = ItemResult(state, attempt, reason=act.reason, finished_at=st.stamp(now))
@@ -402,8 +517,10 @@ class CoordinatorRole:
         out: list[Action] = [Persist(tuple(changed))] if changed else []
         out.extend(AckClient(ref, True) for ref in pend.client_refs)
         log.info("plan committed plan=%s copies=%d", pid, len(pend.acks))
+        # The replicas hold it tentative: they learn the commit (so anti-entropy never offers
+        # them the record again). Anyone else needs nothing.
         put = PlanPut(st.election.term, st.node_id, committed)
-        out.extend(Send(n, put) for n in sorted(st.alive))
+        out.extend(Send(n, put) for n in sorted(pend.acks - {st.node_id}))
         out.extend(self.start_run(committed, now) if st.is_coordinator else [])
         return out
 

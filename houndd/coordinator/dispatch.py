@@ -33,12 +33,15 @@ from houndd.coordinator.messages import (
     Execute,
     Fenced,
     Persist,
+    PlanGet,
+    PlanGetReply,
     Reply,
     Request,
     Send,
 )
 from houndd.coordinator.node import HANDLED_TYPES, NodeCore
 from houndd.coordinator.records import PlanDocument, PlanItem
+from houndd.coordinator.replication import PLAN_GET_RESULTS
 from houndd.coordinator.results import ItemResult
 from houndd.coordinator.sealed import unseal_credentials
 from houndd.coordinator.store import Store
@@ -170,8 +173,18 @@ class DispatchRuntime:
 
     async def wait_changed(self, timeout_s: float) -> None:
         """Return when the replica changes next, or after `timeout_s`."""
+        await self.wait_change(self.next_change(), timeout_s)
+
+    def next_change(self) -> asyncio.Event:
+        """An event set by the next change of the replica: take it before reading the
+        replica, then `wait_change` on it, and no change in between is missed."""
+        return self._changed
+
+    @staticmethod
+    async def wait_change(change: asyncio.Event, timeout_s: float) -> None:
+        """Return once `change` (from `next_change`) is set, or after `timeout_s`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+            await asyncio.wait_for(change.wait(), timeout_s)
 
     def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Run `coro` in the runtime's task group, guarded (closed if not running)."""
@@ -206,6 +219,33 @@ class DispatchRuntime:
         await self.apply(self.core.cancel(plan_id, self.clocks.mono()))
         self.local.abort(plan_id)
         self.wake()
+
+    async def fetch_plan(self, plan_id: str) -> bool:
+        """Hold a plan this node does not hold, fetched page by page from a holder (the
+        coordinator first, then the holders a part of it names): True once held here."""
+        core = self.core
+        if core.replica.plan(plan_id) is not None:
+            return True
+        coordinator, _ = self.coordinator()
+        part = core.replica.part(plan_id)
+        candidates = [coordinator, *(part.work.holders if part is not None else ())]
+        for holder in dict.fromkeys(c for c in candidates if c and c != self.node_id):
+            offset = 0
+            while True:
+                try:
+                    reply = await self.bus.request_typed(
+                        holder, PlanGet(plan_id, offset), PlanGetReply
+                    )
+                except HounddError as e:
+                    log.info("plan fetch failed plan=%s peer=%s error=%s", plan_id, holder, e)
+                    break
+                if offset == 0 and reply.plan is None:
+                    break  # not held there
+                await self.apply(core.receive(holder, reply, self.clocks.mono()))
+                if not reply.more:
+                    return core.replica.plan(plan_id) is not None
+                offset += PLAN_GET_RESULTS
+        return False
 
     def report(self, plan_id: str, image: str, result: ItemResult) -> None:
         """The local executor's report (sync callback): feed the core from the event loop."""
@@ -309,48 +349,36 @@ class DispatchRuntime:
     # --- the local worker adaptor ----------------------------------------------------------
 
     def _execute(self, action: Execute) -> None:
-        rec = self.core.replica.plan(action.plan_id)
-        if rec is None:
-            log.warning("dispatch for an unknown plan plan=%s", action.plan_id)
-            return
-        plan = rec.document.plan
-        credentials = unseal_credentials(self.keyring, rec.document.sealed_auth)
+        work = action.work
+        credentials = unseal_credentials(self.keyring, work.sealed_auth)
         # Blob sharing builds each blob's tree from the nodes that need the same bits.
-        needing: dict[str, set[str]] = {}
-        for planned in rec.items:
-            needing.setdefault(planned.digest, set()).add(planned.node_id)
+        peers = {p.digest: tuple(sorted(p.nodes.split(","))) for p in action.peers}
         items = []
         for it in action.items:
             auth = None
-            if plan.action == "pull":
+            if work.action == "pull":
                 with contextlib.suppress(HounddError, ValueError):
                     auth = plan_auth(it.image, credentials)
             items.append(
                 LocalWork(
-                    op=plan.action,
+                    op=work.action,
                     image=it.image,
                     digest=it.digest,
                     attempt=it.attempt,
                     timeout_s=it.timeout_s,
-                    pull_policy=plan.policy.pull_policy,
+                    pull_policy=work.pull_policy,
                     auth=auth,
-                    peers=tuple(sorted(needing.get(it.digest, ()))) if it.digest else (),
+                    peers=peers.get(it.digest, ()) if it.digest else (),
                 )
             )
-        self.local.submit(
-            action.plan_id, items, per_node_parallelism=plan.policy.per_node_parallelism
-        )
+        self.local.submit(action.plan_id, items, per_node_parallelism=work.per_node_parallelism)
 
     def _forget_finished(self) -> None:
         """Drop the executor's memory of plans that are final here: its job table would
         otherwise grow for the life of the daemon."""
         replica = self.core.replica
-        for rec in replica.plans():
-            results = replica.results(rec.plan_id)
-            mine = [
-                results.get((it.node_id, it.image))
-                for it in rec.items
-                if it.node_id == self.node_id
-            ]
-            if replica.cancelled(rec.plan_id) or all(r is not None and r.is_final for r in mine):
-                self.local.forget(rec.plan_id)
+        plan_ids = [r.plan_id for r in replica.plans()] + [p.plan_id for p in replica.parts()]
+        for pid in plan_ids:
+            mine = replica.node_results(pid, self.node_id)
+            if replica.cancelled(pid) or all(r.result.is_final for r in mine):
+                self.local.forget(pid)

@@ -66,7 +66,11 @@ class KeepPresent:
     async def round(self) -> None:
         """One check of every keep_present plan."""
         replica = self._runtime.core.replica
-        busy = {str(v["name"]) for v in self._views.plans() if v["state"] in ("pending", "running")}
+        busy = {
+            str(v["name"])
+            for v in self._views.local_plans()
+            if v["state"] in ("pending", "running")
+        }
         for rec in replica.plans():
             plan = rec.document.plan
             if not plan.policy.keep_present or plan.action != "pull":

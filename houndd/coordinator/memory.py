@@ -8,6 +8,7 @@ from houndd.coordinator.messages import Persist
 from houndd.coordinator.records import (
     AbortRecord,
     CancelRecord,
+    PlanPart,
     PlanRecord,
     Record,
     ResultRecord,
@@ -21,6 +22,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.election = ElectionRecord()
         self.plans: dict[str, PlanRecord] = {}
+        self.parts: dict[str, PlanPart] = {}
         self.cancels: dict[str, CancelRecord] = {}
         self.aborted: dict[str, None] = {}
         self.results: dict[tuple[str, str, str], ResultRecord] = {}
@@ -35,10 +37,14 @@ class MemoryStore:
                 old = self.plans.get(rec.plan_id)
                 if old is None or rec.committed:
                     self.plans[rec.plan_id] = rec
+            elif isinstance(rec, PlanPart):
+                self.aborted.pop(rec.plan_id, None)
+                self.parts.setdefault(rec.plan_id, rec)
             elif isinstance(rec, CancelRecord):
                 self.cancels[rec.plan_id] = rec
             elif isinstance(rec, AbortRecord):
                 self.plans.pop(rec.plan_id, None)
+                self.parts.pop(rec.plan_id, None)
                 self.cancels.pop(rec.plan_id, None)
                 for key in [k for k in self.results if k[0] == rec.plan_id]:
                     del self.results[key]
@@ -53,6 +59,7 @@ class MemoryStore:
         records: list[Record] = [AbortRecord(p) for p in self.aborted]
         plans = sorted(self.plans.values(), key=lambda r: (r.accepted_at, r.plan_id))
         records.extend(plans)
+        records.extend(self.parts.values())
         records.extend(self.cancels.values())
         records.extend(self.results.values())
         return PersistedState(self.election, records)

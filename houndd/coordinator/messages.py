@@ -20,15 +20,19 @@ from houndd.coordinator.records import (
     CancelRecord,
     Group,
     PlanRecord,
+    PlanWork,
     ResultRecord,
     Selector,
     Unresolved,
+    Via,
 )
 from houndd.coordinator.replica import MAX_ABORTED, MAX_PLANS
 from houndd.coordinator.scheduler import DispatchItem
 from houndd.wire.fields import (
     MAX_ITEMS,
+    NODE_ID_PATTERN,
     Counter,
+    Digest,
     ImageName,
     Name,
     NodeId,
@@ -36,9 +40,10 @@ from houndd.wire.fields import (
     PlanId,
     ShortText,
     Text,
+    Timestamp,
 )
 from houndd.wire.payloads import message, msg_type_of
-from houndd.wire.schema import Size, wire_name
+from houndd.wire.schema import Match, Size, wire_name
 from houndd.wire.types import MsgType
 
 MAX_DIGESTS = MAX_PLANS + MAX_ABORTED
@@ -48,6 +53,14 @@ Items = Annotated[tuple[DispatchItem, ...], Size(0, MAX_ITEMS)]
 Images = Annotated[tuple[ImageName, ...], Size(0, MAX_ITEMS)]
 ResultList = Annotated[tuple[ResultRecord, ...], Size(0, MAX_ITEMS)]
 Digests = Annotated[dict[PlanId, ShortText], Size(0, MAX_DIGESTS)]
+MAX_PEERS = 1000
+"""Node ids one dispatch names as sharing a digest (a blob distribution tree's members)."""
+NodeIdList = Annotated[
+    str,
+    Size(16, MAX_PEERS * 17),
+    Match(f"{NODE_ID_PATTERN}(?:,{NODE_ID_PATTERN})*", "node ids separated by commas"),
+]
+"""Node ids joined by commas: one string to encode and check, not a thousand."""
 
 # --- election ---------------------------------------------------------------------------------
 
@@ -134,9 +147,12 @@ class Results:
 @message(MsgType.SYNC_DIGEST)
 @dataclass(frozen=True, slots=True)
 class SyncDigest:
-    """Anti-entropy round start: plan_id -> hash of everything known about that plan."""
+    """Anti-entropy round start: plan_id -> hash of what the sender knows about that plan
+    (`ReplicaState.digest`). `want_plans`: the sender coordinates and asks for the records
+    of plans it lacks (a new coordinator's takeover round)."""
 
     digests: Digests
+    want_plans: bool = False
 
 
 @message(MsgType.SYNC_ITEMS)
@@ -168,18 +184,83 @@ class CancelReply:
     ok: bool
 
 
+@message(MsgType.PLAN_GET)
+@dataclass(frozen=True, slots=True)
+class PlanGet:
+    """A node that does not hold a plan asks a holder for it (to serve a reader): the record
+    (when `offset` is 0) and results from `offset` on. The asker holds the plan from then on,
+    so the coordinator sends it the plan's outcomes."""
+
+    plan_id: PlanId
+    offset: Counter = 0
+
+
+@message(MsgType.PLAN_GET_REPLY)
+@dataclass(frozen=True, slots=True)
+class PlanGetReply:
+    """The plan (None: not held here), its cancel, and a page of its results; `more`: ask
+    again from `offset + len(results)`."""
+
+    plan: PlanRecord | None
+    cancel: CancelRecord | None
+    results: ResultList
+    more: bool
+
+
+@message(MsgType.PLAN_LIST)
+@dataclass(frozen=True, slots=True)
+class PlanList:
+    """A node asks the coordinator for the plans it holds (to serve a reader)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSummary:
+    """One plan of a plan list, as the API shows it without items."""
+
+    plan_id: PlanId = field(metadata=wire_name("id"))
+    name: Name
+    action: Literal["pull", "remove", "prune"]
+    state: Literal["pending", "running", "done", "failed", "cancelled"]
+    accepted_at: Timestamp
+    committed: bool
+    via: Via
+    summary: Annotated[dict[ShortText, Counter], Size(0, 16)]
+
+
+@message(MsgType.PLAN_LIST_REPLY)
+@dataclass(frozen=True, slots=True)
+class PlanListReply:
+    """The coordinator's plans, newest first."""
+
+    plans: Annotated[tuple[PlanSummary, ...], Size(0, MAX_PLANS)]
+
+
 # --- dispatch -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The nodes of a plan that need `digest` (blob sharing builds each blob's tree from
+    them); at most MAX_PEERS, a cohort of a bigger group that every member of it is given."""
+
+    digest: Digest
+    nodes: NodeIdList
 
 
 @message(MsgType.DISPATCH)
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Coordinator -> worker: pull these items of this plan (fenced by term + coordinator)."""
+    """Coordinator -> worker: pull these items of this plan (fenced by term + coordinator),
+    with what the worker needs to run them without holding the plan."""
 
     term: Counter
     coordinator: NodeId
     plan_id: PlanId
     items: Items
+    work: PlanWork
+    peers: Annotated[tuple[Peers, ...], Size(0, MAX_ITEMS)] = ()
+    committed: bool = False
+    """The plan was acknowledged: it outranks an abort tombstone the worker may hold."""
 
 
 @message(MsgType.DISPATCH_REPLY)
@@ -308,10 +389,13 @@ class Persist:
 
 @dataclass(frozen=True, slots=True)
 class Execute:
-    """Local executor: pull these items of a plan."""
+    """Local executor: pull these items of a plan (`work` says how; `peers` who else needs
+    each digest)."""
 
     plan_id: str
     items: tuple[DispatchItem, ...]
+    work: PlanWork
+    peers: tuple[Peers, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,8 +34,8 @@ local executor; `AckClient(client_ref, ok, reason)`.
 creates (acceptance, cancel and result times) are stamped with the injected `wall` clock, as
 they leave the process; without one (simulation, tests) `now` stamps them too.
 
-Results flow worker -> coordinator -> every alive member, and anti-entropy (digest exchange
-with a random peer, every other round with the coordinator) repairs whatever was lost.
+Results flow worker -> coordinator -> the plan's holders, and anti-entropy (digest exchange
+with the coordinator, when there is something to settle) repairs whatever was lost.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ from houndd.coordinator.messages import (
     Heartbeat,
     PlanAbort,
     PlanAck,
+    PlanGet,
+    PlanGetReply,
     PlanPut,
     Results,
     Send,
@@ -112,7 +114,11 @@ class NodeCore:
         self.state = NodeState(node_id, config, rng, election, replica, wall=wall)
         self.worker = WorkerRole(self.state, admit=self._admit, report=self._report)
         self.replication = Replication(
-            self.state, now, admit=self._admit, on_changes=self._on_changes
+            self.state,
+            now,
+            admit=self._admit,
+            on_changes=self._on_changes,
+            on_holder=self._on_holder,
         )
         self.coordinating = CoordinatorRole(
             self.state,
@@ -219,6 +225,10 @@ class NodeCore:
         node, payload = req
         if isinstance(payload, Dispatch):
             return self.coordinating.dispatch_failed(node, payload, now)
+        if isinstance(payload, PlanPut):
+            return self.coordinating.replica_failed(node, payload.plan.plan_id, now)
+        if isinstance(payload, Results):
+            self.replication.unsettled({r.plan_id for r in payload.entries})
         return []
 
     def submit(
@@ -251,12 +261,18 @@ class NodeCore:
     def _admit(self, term: int, coordinator: str, now: float) -> tuple[list[Action], bool]:
         was = self.state.election.role
         acts, ok = self.state.election.admit(term, coordinator, now)
-        return acts + self.coordinating.role_changed(was, now), ok
+        return acts + self._role_changed(was, now), ok
 
     def _election_step(self, step: Callable[[], list[Action]], now: float) -> list[Action]:
         was = self.state.election.role
         out = step()
-        out.extend(self.coordinating.role_changed(was, now))
+        out.extend(self._role_changed(was, now))
+        return out
+
+    def _role_changed(self, was: Role, now: float) -> list[Action]:
+        out = self.coordinating.role_changed(was, now)
+        if was is not Role.COORDINATOR and self.state.is_coordinator:
+            out.extend(self.replication.takeover(now))
         return out
 
     def _on_changes(self, changed: list[Record], now: float) -> list[Action]:
@@ -291,6 +307,9 @@ class NodeCore:
             # was dropped: it travels as a request (HTTP); progress stays best-effort.
             return [st.request(coord, msg)]
         return [Send(coord, msg)]
+
+    def _on_holder(self, plan_id: str, node: str) -> None:
+        self.coordinating.add_holder(plan_id, node)
 
     def _take_outbox(self) -> list[Action]:
         out, self._outbox = self._outbox, []
@@ -344,6 +363,12 @@ class NodeCore:
     def _h_cancel(self, sender: str, p: Cancel, now: float) -> list[Action]:
         return self.replication.on_cancel(sender, p, now)
 
+    def _h_plan_get(self, sender: str, p: PlanGet, now: float) -> list[Action]:
+        return self.replication.on_plan_get(sender, p, now)
+
+    def _h_plan_get_reply(self, sender: str, p: PlanGetReply, now: float) -> list[Action]:
+        return self.replication.on_plan_get_reply(sender, p, now)
+
     def _h_ignore(self, sender: str, p: object, now: float) -> list[Action]:
         return []
 
@@ -364,6 +389,8 @@ _HANDLERS: dict[MsgType, _Handler] = {
     MsgType.SYNC_ITEMS: NodeCore._h_sync_items,
     MsgType.CANCEL: NodeCore._h_cancel,
     MsgType.CANCEL_REPLY: NodeCore._h_ignore,  # the receipt of a CANCEL datagram
+    MsgType.PLAN_GET: NodeCore._h_plan_get,
+    MsgType.PLAN_GET_REPLY: NodeCore._h_plan_get_reply,
 }
 HANDLED_TYPES = frozenset(_HANDLERS)
 """Message types the core handles (the shell registers exactly these on the bus)."""

@@ -96,22 +96,22 @@ class CoordinatorService:
     async def cancel(self, plan_id: str) -> dict[str, Any]:
         """Cancel a running plan; returns the cancelled plan's view. A finished one raises
         `PlanFinishedError` and nothing is stored: its outcome stays what it was."""
-        before = self.views.plan(plan_id)
+        before = await self.views.plan(plan_id)
         if before is not None and before["state"] in FINAL_PLAN_STATES:
             raise PlanFinishedError(plan_id, str(before["state"]))
         await self.runtime.cancel(plan_id)
-        return {"id": plan_id, "state": "cancelled", "plan": self.views.plan(plan_id)}
+        return {"id": plan_id, "state": "cancelled", "plan": self.views.view(plan_id)}
 
-    def plans(self) -> list[dict[str, Any]]:
+    async def plans(self) -> list[dict[str, Any]]:
         """Every plan, newest first."""
-        return self.views.plans()
+        return await self.views.plans()
 
-    def plan(self, plan_id: str) -> dict[str, Any] | None:
+    async def plan(self, plan_id: str) -> dict[str, Any] | None:
         """One plan with its items."""
-        return self.views.plan(plan_id)
+        return await self.views.plan(plan_id)
 
-    def events(self, plan_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        """The plan's event stream."""
+    def events(self, plan_id: str) -> AsyncGenerator[bytes, None]:
+        """The plan's server-sent events, encoded."""
         return self.views.events(plan_id)
 
     def on_report(self, plan_id: str, image: str, result: ItemResult) -> None:

@@ -3,9 +3,10 @@
 `NodeCore` emits `Persist(records)` actions; the shell calls `Store.apply(action)` (one
 transaction, durable on return) before it carries out any later action, and `Store.load()`
 rebuilds the core after a restart. `SqliteStore` keeps one file (stdlib sqlite3, WAL,
-`PRAGMA synchronous=FULL`): election term/vote and fencing record, plans, cancels, abort
-tombstones and results. `MemoryStore` (`coordinator/memory.py`) is the in-memory fake the
-simulator uses; one conformance suite runs against both.
+`PRAGMA synchronous=FULL`): election term/vote and fencing record, plans, plan parts (a
+target's work of a plan it does not hold), cancels, abort tombstones and results.
+`MemoryStore` (`coordinator/memory.py`) is the in-memory fake the simulator uses; one
+conformance suite runs against both.
 
 Plan documents carry no registry credentials in clear: those are sealed with the cluster key by
 the submission (`PlanDocument.sealed_auth`) before a record exists.
@@ -27,7 +28,9 @@ from houndd.coordinator.records import (
     CancelRecord,
     PlanDocument,
     PlanItem,
+    PlanPart,
     PlanRecord,
+    PlanWork,
     Record,
     ResultRecord,
 )
@@ -45,6 +48,9 @@ CREATE TABLE IF NOT EXISTS election (
 CREATE TABLE IF NOT EXISTS plans (
     plan_id TEXT PRIMARY KEY, document TEXT NOT NULL, items TEXT NOT NULL,
     accepted_at REAL NOT NULL, committed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parts (
+    plan_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, work TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cancels (plan_id TEXT PRIMARY KEY, cancelled_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS aborted (plan_id TEXT PRIMARY KEY);
@@ -174,13 +180,19 @@ class SqliteStore:
                     int(rec.committed),
                 ),
             )
+        elif isinstance(rec, PlanPart):
+            db.execute("DELETE FROM aborted WHERE plan_id = ?", (rec.plan_id,))
+            db.execute(
+                "INSERT OR IGNORE INTO parts (plan_id, node_id, work) VALUES (?, ?, ?)",
+                (rec.plan_id, rec.node_id, json.dumps(schema.encode(rec.work), sort_keys=True)),
+            )
         elif isinstance(rec, CancelRecord):
             db.execute(
                 "INSERT OR REPLACE INTO cancels (plan_id, cancelled_at) VALUES (?, ?)",
                 (rec.plan_id, rec.cancelled_at),
             )
         elif isinstance(rec, AbortRecord):
-            for table in ("plans", "cancels", "results"):
+            for table in ("plans", "parts", "cancels", "results"):
                 db.execute(f"DELETE FROM {table} WHERE plan_id = ?", (rec.plan_id,))
             db.execute("INSERT OR IGNORE INTO aborted (plan_id) VALUES (?)", (rec.plan_id,))
         elif isinstance(rec, ResultRecord):
@@ -218,8 +230,17 @@ class SqliteStore:
                 log.warning("stored plan unreadable, skipped plan=%s error=%s", pid, e)
                 continue
             state.records.append(
-                PlanRecord(pid, document, plan_items, accepted_at, bool(committed))
+                PlanRecord.of(pid, document, plan_items, accepted_at, bool(committed))
             )
+        for pid, node_id, work in db.execute(
+            "SELECT plan_id, node_id, work FROM parts ORDER BY plan_id"
+        ):
+            try:
+                part = PlanPart(pid, node_id, schema.decode(PlanWork, json.loads(work)))
+            except (HounddError, ValueError, TypeError) as e:
+                log.warning("stored plan part unreadable, skipped plan=%s error=%s", pid, e)
+                continue
+            state.records.append(part)
         for pid, at in db.execute("SELECT plan_id, cancelled_at FROM cancels ORDER BY plan_id"):
             state.records.append(CancelRecord(pid, at))
         for pid, node, image, result in db.execute(

@@ -2,10 +2,12 @@
 
 A dispatch is acted on only after the fencing check (`Admit`, the election's), never twice for
 one (plan, image) while it runs or once it is done here (dedupe survives a coordinator takeover:
-the repeated dispatch is answered under its new attempt number). Accepted items go to the local
-executor (`Execute`); its reports become result records, persisted, then reported (`Report`,
-which sends them to the coordinator, or feeds them straight to the coordinator role when this
-node coordinates).
+the repeated dispatch is answered under its new attempt number). A dispatch carries what the
+node needs to run its items (`PlanWork`), so a target need not hold the plan: it keeps a
+`PlanPart` and the results of its own items. Accepted items go to the local executor
+(`Execute`); its reports become result records, persisted, then reported (`Report`, which
+sends them to the coordinator, or feeds them straight to the coordinator role when this node
+coordinates).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from houndd.coordinator.messages import (
     Reply,
 )
 from houndd.coordinator.node_state import NodeState
-from houndd.coordinator.records import Record
+from houndd.coordinator.records import PlanPart, Record
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.scheduler import DispatchItem
 
@@ -67,12 +69,22 @@ class WorkerRole:
                 out.append(Reply(DispatchReply(msg.plan_id, st.node_id, False, "fenced")))
                 return out
         pid = msg.plan_id
-        rec = st.replica.plan(pid)
-        if rec is None or st.replica.cancelled(pid):
-            reason = "unknown plan" if rec is None else "cancelled"
-            out.append(Reply(DispatchReply(pid, st.node_id, False, reason)))
-            return out
+        replica = st.replica
         changed: list[Record] = []
+        if msg.committed and replica.is_aborted(pid):
+            replica.lift_abort(pid)  # an acknowledged plan outranks a tombstone (G1)
+        if not replica.knows(pid) and not replica.is_aborted(pid):
+            changed.extend(replica.put_part(PlanPart(pid, st.node_id, msg.work)))
+        refused = ""
+        if replica.is_aborted(pid):
+            refused = "aborted"
+        elif not replica.knows(pid):
+            refused = "store full"
+        elif replica.cancelled(pid):
+            refused = "cancelled"
+        if refused:
+            out.append(Reply(DispatchReply(pid, st.node_id, False, refused)))
+            return out
         to_run: list[DispatchItem] = []
         for item in msg.items:
             key = (pid, item.image)
@@ -94,7 +106,7 @@ class WorkerRole:
         if changed:
             out.append(Persist(tuple(changed)))
         if to_run:
-            out.append(Execute(pid, tuple(to_run)))
+            out.append(Execute(pid, tuple(to_run), msg.work, msg.peers))
         out.extend(self._report(changed, now))
         if not local:
             out.append(Reply(DispatchReply(pid, st.node_id, True, "")))
@@ -137,15 +149,18 @@ class WorkerRole:
         coordinator retries them now rather than after the item timeout."""
         replica, me = self._state.replica, self._state.node_id
         changed: list[Record] = []
-        for rec in replica.open_plans():
-            for (node, image), res in replica.results(rec.plan_id).items():
-                if node == me and res.state is ItemState.PULLING:
+        plan_ids = [r.plan_id for r in replica.open_plans()] + [p.plan_id for p in replica.parts()]
+        for pid in plan_ids:
+            if replica.cancelled(pid):
+                continue
+            for rr in replica.node_results(pid, me):
+                if rr.result.state is ItemState.PULLING:
                     failed = dataclasses.replace(
-                        res,
+                        rr.result,
                         state=ItemState.FAILED,
                         reason="interrupted",
                         transient=True,
                         finished_at=self._state.stamp(now),
                     )
-                    changed.extend(replica.put_result(rec.plan_id, node, image, failed))
+                    changed.extend(replica.put_result(pid, me, rr.image, failed))
         return [Persist(tuple(changed))] if changed else []

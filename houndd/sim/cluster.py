@@ -40,7 +40,7 @@ from houndd.coordinator.messages import (
     Send,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
-from houndd.coordinator.records import PlanDocument, PlanItem
+from houndd.coordinator.records import AbortRecord, PlanDocument, PlanItem
 from houndd.coordinator.results import ItemResult, ItemState
 
 
@@ -71,6 +71,9 @@ class _Node:
     wake_at: float | None = None
     running: dict[tuple[str, str], int] = field(default_factory=dict)  # (plan, image) -> life
     pulled: set[tuple[str, str]] = field(default_factory=set)  # images on disk, per plan
+    # Plans this node tombstoned: an aborted plan was told not to run, so a plan id that
+    # comes back acknowledged (a client retried it elsewhere) may pull again here.
+    tombstoned: set[str] = field(default_factory=set)
     fence: dict[int, str] = field(default_factory=dict)  # term -> accepted coordinator, ever
     highest: int = 0
     last_tick: float = -1.0
@@ -87,6 +90,7 @@ def sim_config() -> Config:
         election_timeout_max_s=0.2,
         join_window_s=0.4,
         anti_entropy_interval_s=0.3,
+        anti_entropy_idle_s=1.5,
         peer_request_timeout_s=2.0,
     )
 
@@ -223,6 +227,7 @@ class Cluster:
             if isinstance(act, Persist):
                 node.store.apply(act)
                 self._check_fence(node)
+                node.tombstoned.update(r.plan_id for r in act.records if isinstance(r, AbortRecord))
             elif isinstance(act, Send):
                 self._send(node.node_id, act.node_id, act.payload)
             elif isinstance(act, Request):
@@ -326,7 +331,7 @@ class Cluster:
             key = (act.plan_id, item.image)
             if key in node.running:
                 raise Violation(f"{node.node_id} executes {key} while it is already running")
-            if key in node.pulled:
+            if key in node.pulled and act.plan_id not in node.tombstoned:
                 raise Violation(f"{node.node_id} executes {key} again after it was pulled")
             node.running[key] = node.life
             duration = self.rng.uniform(*self.pull_s)
@@ -549,30 +554,32 @@ class Cluster:
     def check_end(self) -> None:
         """Convergence properties, once everything healed and the run ended."""
         cores = [n.core for n in self.nodes.values() if n.core is not None]
-        self._check_plans_kept(cores)
         coords = [c for c in cores if c.role is Role.COORDINATOR]
         if len(coords) != 1:
             raise Violation(
                 f"{len(coords)} coordinators after healing: {[c.node_id for c in coords]}"
             )
-        self._check_converged(cores)
+        self._check_plans_kept(cores, coords[0])
+        self._check_converged(cores, coords[0])
 
-    def _check_plans_kept(self, cores: list[NodeCore]) -> None:
-        """G1: every acknowledged plan is on every node; the rest were aborted."""
+    def _check_plans_kept(self, cores: list[NodeCore], coord: NodeCore) -> None:
+        """G1: every acknowledged plan is held by the coordinator; the rest were aborted."""
         for pid in self.submitted:
             # The client retries until acknowledged; only a plan aborted (never acknowledged)
             # may stay unacknowledged.
-            if pid not in self.acked and not all(c.replica.is_aborted(pid) for c in cores):
+            if pid not in self.acked and not coord.replica.is_aborted(pid):
                 raise Violation(f"plan {pid} neither acknowledged nor aborted")
         for pid, at in self.acked.items():
-            for core in cores:
-                if core.replica.plan(pid) is None:
-                    raise Violation(
-                        f"acknowledged plan {pid} (at {at:.3f}) missing on {core.node_id}"
-                    )
+            if coord.replica.plan(pid) is None:
+                raise Violation(
+                    f"acknowledged plan {pid} (at {at:.3f}) not held by the coordinator "
+                    f"{coord.node_id}"
+                )
 
-    def _check_converged(self, cores: list[NodeCore]) -> None:
-        """G2: every open plan finished, the replicas agree, and "done" means pulled."""
+    def _check_converged(self, cores: list[NodeCore], coord: NodeCore) -> None:
+        """G2: every open plan finished, every holder agrees with the coordinator and every
+        target with the coordinator about its own items, and "done" means pulled."""
+        truth = coord.replica
         for core in cores:
             for rec in core.replica.plans():
                 if core.replica.cancelled(rec.plan_id):
@@ -582,15 +589,20 @@ class Cluster:
                     raise Violation(
                         f"plan {rec.plan_id} not converged on {core.node_id}: {left[:3]}"
                     )
-        digests = {c.node_id: c.replica.digest() for c in cores}
-        first = next(iter(digests.values()))
-        for nid, d in digests.items():
-            if d != first:
-                raise Violation(f"replicas differ after healing: {nid}")
+            for pid, value in core.replica.digest().items():
+                if value.startswith("p"):
+                    expected = truth.projection(pid, core.node_id)
+                else:
+                    expected = truth.entry(pid)
+                if expected is not None and value != expected:
+                    raise Violation(
+                        f"{core.node_id} disagrees with the coordinator about {pid}: "
+                        f"{value} != {expected}"
+                    )
         for pid in self.acked:
             if pid in self.cancelled:
                 continue
-            for (node, image), res in cores[0].replica.results(pid).items():
+            for (node, image), res in truth.results(pid).items():
                 if res.state is ItemState.DONE and (pid, image) not in self.nodes[node].pulled:
                     raise Violation(f"{pid} {node} {image} done but never pulled")
 

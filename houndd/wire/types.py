@@ -49,6 +49,10 @@ class MsgType(IntEnum):
     ABORT = 33
     RECEIPT = 34  # the answer to a request that has nothing to say back
     BLOB_GET = 35  # a peer asks for a blob (POST /v1/peer/blob); the answer is a frame stream
+    PLAN_GET = 36  # a node that does not hold a plan asks a holder for it (to serve a reader)
+    PLAN_GET_REPLY = 37
+    PLAN_LIST = 38  # a node asks the coordinator for its plan list (to serve a reader)
+    PLAN_LIST_REPLY = 39
 
 
 RETIRED_NUMBERS = frozenset({5, 6, 7, 20})

@@ -158,7 +158,7 @@ async def test_wall_clock_steps_mid_plan_neither_elect_nor_time_out(tmp_path: Pa
             # Every item pulling and every dispatch answered: messages in flight across a
             # step carry timestamps outside the replay window and are refused like lost ones
             # (a lost dispatch reply is a retry, which is not what this test is about).
-            view = views.plan(plan_id)
+            view = views.view(plan_id)
             busy = view is not None and all(i["state"] == "pulling" for i in view["items"])
             return busy and by_id[coordinator].service.runtime.dispatches_in_flight() == 0
 
@@ -169,11 +169,11 @@ async def test_wall_clock_steps_mid_plan_neither_elect_nor_time_out(tmp_path: Pa
         await asyncio.sleep(0.4)
 
         def final() -> bool:
-            view = views.plan(plan_id)
+            view = views.view(plan_id)
             return view is not None and view["state"] in ("done", "failed", "cancelled")
 
         await until(final, 20, "the plan finished")
-        view = views.plan(plan_id)
+        view = views.view(plan_id)
         assert view is not None
         assert view["state"] == "done", view["items"]
         assert {i["attempt"] for i in view["items"]} == {1}  # no item timed out, none retried

@@ -27,7 +27,14 @@ from houndd.coordinator.messages import (
     VoteRequest,
 )
 from houndd.coordinator.node import ExecutorReport, NodeCore
-from houndd.coordinator.records import PlanDocument, PlanItem, PlanRecord, ResultRecord
+from houndd.coordinator.records import (
+    PlanDocument,
+    PlanItem,
+    PlanPart,
+    PlanRecord,
+    PlanWork,
+    ResultRecord,
+)
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.scheduler import DispatchItem
 from houndd.coordinator.store import PersistedState
@@ -62,11 +69,37 @@ def test_submit_acks_only_after_enough_durable_copies() -> None:
     assert [r.node_id for r in puts] == ["b"]
     assert not of(acts, AckClient)
     assert core.replica.plan("p") is not None and not core.replica.plan("p").committed  # type: ignore[union-attr]
+    # Dispatch overlaps replication: the plan runs from its acceptance.
+    dispatched = [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
+    assert [d.node_id for d in dispatched] == ["b"] and of(acts, Execute)  # b remote, a local
+    assert dispatched[0].payload.work.holders == ("a", "b")
+    assert dispatched[0].payload.committed is False
     acts = core.response(puts[0].token, "b", PlanAck("p", "b", True), 1.01)
     assert of(acts, AckClient) == [AckClient("client-1", True)]
     assert core.replica.plan("p").committed  # type: ignore[union-attr]
-    dispatched = [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
-    assert [d.node_id for d in dispatched] == ["b"] and of(acts, Execute)  # b remote, a local
+    assert not [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
+
+
+def test_only_the_replicas_get_the_plan_and_a_failed_one_is_replaced() -> None:
+    core = coordinator(alive={"b", "c", "d"})
+    acts = core.submit("p", DOC, ITEMS, 1.0, "client")
+    (put,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
+    acts = core.request_failed(put.token, 1.1)
+    (spare,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
+    assert spare.node_id not in (put.node_id, "a")
+    acts = core.response(spare.token, spare.node_id, PlanAck("p", spare.node_id, True), 1.2)
+    assert of(acts, AckClient) == [AckClient("client", True)]
+    # The commit goes to the replica only; the other members never see the plan.
+    sent = [s for s in of(acts, Send) if isinstance(s.payload, PlanPut)]
+    assert [s.node_id for s in sent] == [spare.node_id]
+
+
+def test_the_node_the_client_submitted_through_is_the_replica() -> None:
+    core = coordinator(alive={"b", "c", "d"})
+    core.membership({"b", "c", "d"}, {"a": "na", "b": "nb", "c": "nc", "d": "nd"}, 0.9)
+    doc = PlanDocument({**DOC.spec}, via="nc")
+    acts = core.submit("p", doc, ITEMS, 1.0, "client")
+    assert [r.node_id for r in of(acts, Request) if isinstance(r.payload, PlanPut)] == ["c"]
 
 
 def test_submit_times_out_and_aborts() -> None:
@@ -91,15 +124,40 @@ def test_non_coordinator_refuses_submit() -> None:
     assert of(core.submit("p", DOC, ITEMS, 0.1, "c"), AckClient)[0].ok is False
 
 
+WORK = PlanWork("p", "pull", "IfNotPresent", 3, ("a",))
+
+
 def _worker_with_plan() -> NodeCore:
     w = NodeCore("b", CFG, random.Random(1), 0.0)
     w.receive("a", Heartbeat(2, "a"), 0.1)
-    w.replica.put_plan(PlanRecord("p", DOC, ITEMS, 0.0, True))
     return w
 
 
-def _dispatch(term: int = 2, coord: str = "a", attempt: int = 1) -> Dispatch:
-    return Dispatch(term, coord, "p", (DispatchItem("x:1", "sha256:1", attempt, 5.0),))
+def _dispatch(
+    term: int = 2, coord: str = "a", attempt: int = 1, committed: bool = True
+) -> Dispatch:
+    item = DispatchItem("x:1", "sha256:1", attempt, 5.0)
+    return Dispatch(term, coord, "p", (item,), WORK, committed=committed)
+
+
+def test_a_target_runs_its_items_from_the_dispatch_alone() -> None:
+    w = _worker_with_plan()
+    acts = w.receive("a", _dispatch(), 0.2)
+    (execute,) = of(acts, Execute)
+    assert execute.work == WORK and [i.image for i in execute.items] == ["x:1"]
+    assert w.replica.plan("p") is None and w.replica.part("p") == PlanPart("p", "b", WORK)
+    assert PlanPart("p", "b", WORK) in of(acts, Persist)[0].records
+    assert of(acts, Reply)[0].payload.accepted
+
+
+def test_a_committed_dispatch_outranks_a_tombstone_a_tentative_one_does_not() -> None:
+    w = _worker_with_plan()
+    w.receive("a", PlanAbort(2, "a", "p"), 0.15)
+    assert w.replica.is_aborted("p")
+    acts = w.receive("a", _dispatch(committed=False), 0.2)
+    assert not of(acts, Execute) and of(acts, Reply)[0].payload.reason == "aborted"
+    acts = w.receive("a", _dispatch(attempt=2, committed=True), 0.3)
+    assert of(acts, Execute) and not w.replica.is_aborted("p")
 
 
 def test_worker_fences_dispatches() -> None:
@@ -135,7 +193,7 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
     doc = PlanDocument(
         {"name": "p", "nodes": {n: ["x:1", "y:1"] for n in "abc"}, "policy": {"timeout": "5s"}}
     )
-    records: list[Any] = [PlanRecord("p", doc, items, 0.0, False)]  # tentative: still taken over
+    records: list[Any] = [PlanRecord.of("p", doc, items, 0.0, False)]  # tentative: still taken over
 
     for n in ("a", "b", "c"):
         records.append(ResultRecord("p", n, "x:1", ItemResult(ItemState.DONE, 1)))
@@ -167,7 +225,7 @@ def test_takeover_dispatches_only_what_is_not_done() -> None:
 def _committed_plan(core: NodeCore) -> list[Action]:
     acts = core.submit("p", DOC, ITEMS, 1.0, "client")
     (put,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
-    return core.response(put.token, "b", PlanAck("p", "b", True), 1.01)
+    return acts + core.response(put.token, "b", PlanAck("p", "b", True), 1.01)
 
 
 def _dispatches_to(acts: list[Action], node: str) -> list[Request]:

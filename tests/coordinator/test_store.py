@@ -36,7 +36,7 @@ Reopen = Callable[[], Store]
 
 def _plan(pid: str, committed: bool = False) -> PlanRecord:
     doc = PlanDocument({"name": pid, "nodes": {"a": ["x:1"]}}, via="node-1")
-    return PlanRecord(pid, doc, (PlanItem("a", "x:1", "sha256:1", 5),), 1.5, committed)
+    return PlanRecord.of(pid, doc, (PlanItem("a", "x:1", "sha256:1", 5),), 1.5, committed)
 
 
 @pytest.fixture(params=["sqlite", "memory"])
