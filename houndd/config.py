@@ -124,9 +124,13 @@ class Config:
     dead_reap_s: float = _doc("forget dead members after this long", default=3600.0)
 
     # --- election and replication ---
-    heartbeat_interval_s: float = _doc("coordinator heartbeat period", default=0.25)
+    heartbeat_interval_s: float = _doc(
+        "coordinator heartbeat period (each member gets one per period)", default=0.5
+    )
     coordinator_timeout_s: float = _doc(
-        "no heartbeat for this long: the coordinator is dead to this node", default=1.0
+        "no heartbeat for this long: the coordinator is dead to this node (3 periods: one "
+        "lost datagram starts no election)",
+        default=1.5,
     )
     election_timeout_min_s: float = _doc("randomized election delay, lower bound", default=0.1)
     election_timeout_max_s: float = _doc("randomized election delay, upper bound", default=0.5)

@@ -531,6 +531,20 @@ class Daemon:
         )
         self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
+            "houndd_peer_messages_sent",
+            "peer messages sent (datagrams, requests, replies), by type",
+            ("type",),
+            lambda: {(k,): float(v) for k, v in self.bus.sent.items()},
+            counter=True,
+        )
+        self.metrics.watch(
+            "houndd_peer_bytes_sent",
+            "sealed bytes of the peer messages sent, by type",
+            ("type",),
+            lambda: {(k,): float(v) for k, v in self.bus.sent_bytes.items()},
+            counter=True,
+        )
+        self.metrics.watch(
             "houndd_plans", "plans by state", ("state",), self.service.views.plans_by_state
         )
         self.metrics.watch(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -56,7 +57,8 @@ from houndd.wire.keyring import Keyring
 
 log = logging.getLogger("houndd.coordinator")
 
-MAX_TICK_WAIT_S = 0.5
+MAX_TICK_WAIT_S = 5.0
+"""The longest the runtime sleeps without looking at its timers (they wake it themselves)."""
 HOUSEKEEPING_S = 30.0
 """How often the executor's records of finished plans are dropped (the core's replica still
 dedupes their items, so nothing is pulled again)."""
@@ -98,6 +100,7 @@ class DispatchRuntime:
         self._rng = rng or random.Random()
         self._core: NodeCore | None = None
         self._wake = asyncio.Event()
+        self._asleep_until = math.inf  # when the loop's current sleep ends
         self._changed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._dispatch_sent: dict[tuple[str, str], float] = {}
@@ -157,8 +160,10 @@ class DispatchRuntime:
                         self._forget_finished()
                     delay = min(core.next_wakeup() - mono(), MAX_TICK_WAIT_S)
                     if delay > 0:
+                        self._asleep_until = mono() + delay
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), delay)
+                    self._asleep_until = -math.inf
                     self._wake.clear()
                     await self.bus.guard(self._tick(), "coordinator tick")
             finally:
@@ -170,6 +175,12 @@ class DispatchRuntime:
     def wake(self) -> None:
         """Run the core's timers now (something changed)."""
         self._wake.set()
+
+    def wake_if_due(self) -> None:
+        """Wake the loop if the core now has a timer before the end of the loop's sleep
+        (most messages only push timers later: a heartbeat needs no extra round)."""
+        if self._core is not None and self._core.next_wakeup() < self._asleep_until:
+            self._wake.set()
 
     async def wait_changed(self, timeout_s: float) -> None:
         """Return when the replica changes next, or after `timeout_s`."""
@@ -324,7 +335,7 @@ class DispatchRuntime:
 
     async def _on_message(self, msg: Message) -> object | None:
         reply = await self.apply(self.core.receive(msg.sender, msg.payload, self.clocks.mono()))
-        self.wake()
+        self.wake_if_due()
         return None if reply is None else reply.payload
 
     def _membership_event(self) -> list[Action]:

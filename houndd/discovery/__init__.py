@@ -2,7 +2,11 @@
 
 Candidates are hints. `Discovery` hands them to `on_candidate` (the daemon wires it to
 `Membership.add_candidate`), again every `join_retry_s` with jitter so a seed that was down at
-boot is joined once it comes up; membership ignores candidates it already knows as alive.
+boot is joined once it comes up; membership ignores candidates it already knows as alive. A
+round in which `on_candidate` said of every candidate that there was nothing to do (it
+returned False: all are alive members) doubles the pause before the next, up to
+OFFER_IDLE_MAX_S, so a formed cluster at rest does not re-offer its seeds every two seconds;
+any candidate worth a try brings the pause back to `join_retry_s`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ __all__ = ["Discovery", "default_route_address"]
 
 log = logging.getLogger("houndd.discovery")
 
+OFFER_IDLE_MAX_S = 30.0
+"""The longest pause between offer rounds once every candidate is an alive member."""
+
 
 class Discovery:
     """Seeds plus (if `config.mdns`) mDNS on `config.interfaces` (default: the default-route
@@ -35,7 +42,7 @@ class Discovery:
         node_id: str,
         fingerprint: str,
         port: int,
-        on_candidate: Callable[[Address], None],
+        on_candidate: Callable[[Address], object],
         *,
         advertise_host: str | None = None,
         rng: random.Random | None = None,
@@ -94,15 +101,19 @@ class Discovery:
             await self.close()
 
     async def _offer_loop(self) -> None:
+        pause = self._config.join_retry_s
         while True:
             candidates = await resolve_seeds(self._config.seeds) if self._config.seeds else []
             if self._mdns is not None:
                 candidates.extend(self._mdns.found.values())
-            for address in candidates:
-                self._on_candidate(address)
+            useful = [self._on_candidate(address) is not False for address in candidates]
+            if any(useful) or not candidates:
+                pause = self._config.join_retry_s
+            else:
+                pause = min(OFFER_IDLE_MAX_S, pause * 2)
             self.first_round.set()
             # Jitter: identical hosts booted together must not retry in lockstep.
-            await asyncio.sleep(self._config.join_retry_s * self._rng.uniform(0.8, 1.2))
+            await asyncio.sleep(pause * self._rng.uniform(0.8, 1.2))
 
     async def close(self) -> None:
         """Stop mDNS (sending goodbyes); idempotent."""

@@ -62,7 +62,7 @@ class MdnsDiscovery:
         version: str,
         interfaces: list[str],
         advertise_host: str,
-        on_candidate: Callable[[Address], None],
+        on_candidate: Callable[[Address], object],
         node_name: str = "",
         cluster_name: str = "",
     ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
@@ -32,6 +34,12 @@ async def resolve_seeds(seeds: Iterable[str]) -> list[Address]:
     out: list[Address] = []
     for seed in seeds:
         host, port = parse_seed(seed)
+        with contextlib.suppress(ValueError):
+            # An IP address needs no resolver (which would run in a thread every round).
+            address = (str(ipaddress.ip_address(host)), port)
+            if address not in out:
+                out.append(address)
+            continue
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError as e:

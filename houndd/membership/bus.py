@@ -25,11 +25,11 @@ from typing import Any, Protocol, TypeVar
 from houndd.config import Config
 from houndd.errors import HounddError, WireError
 from houndd.membership.member import Address
-from houndd.membership.messages import ErrorReply, Receipt
+from houndd.membership.messages import CertNeeded, ErrorReply, Receipt
 from houndd.membership.transport import PeerError, RemoteError, Transport
 from houndd.wire.codec import Envelope
-from houndd.wire.payloads import decode_payload, encode_payload
-from houndd.wire.types import MsgType
+from houndd.wire.payloads import decode_payload, encode_payload, msg_type_of
+from houndd.wire.types import CertUnknown, MsgType
 
 log = logging.getLogger("houndd.membership")
 
@@ -62,6 +62,10 @@ INBOX_SIZE = 4096
 MAX_DATAGRAM_HANDLERS = 256
 # Distinct (kind, key) pairs we warn about once each; beyond this, only counted.
 MAX_WARNED = 1024
+CERT_ASK_S = 1.0
+"""A member is asked for its certificate at most this often (CERT_NEEDED)."""
+MAX_CERT_ASKED = 4096
+"""Members whose last CERT_NEEDED time is remembered."""
 
 
 class WireLike(Protocol):
@@ -77,8 +81,15 @@ class WireLike(Protocol):
         """Refused incoming messages by reason."""
         ...
 
-    def seal(self, msg_type: MsgType, payload: Mapping[str, Any], now: float) -> bytes:
-        """Envelope, sign and encrypt one message."""
+    def seal(
+        self, msg_type: MsgType, payload: Mapping[str, Any], now: float, *, to: Any = None
+    ) -> bytes:
+        """Envelope, sign and encrypt one message (`to`: a datagram's destination, which
+        may get a reference to our certificate instead of the certificate)."""
+        ...
+
+    def resend_cert(self, to: Any) -> None:
+        """The next datagram to `to` carries our certificate in full."""
         ...
 
     def open(self, data: bytes, now: float, *, max_size: int) -> Envelope:
@@ -119,6 +130,12 @@ class Bus:
         payload, unsendable)."""
         self.handler_errors: Counter[str] = Counter()
         """Handler exceptions by message type name."""
+        self.sent: Counter[str] = Counter()
+        """Messages sent (datagrams, requests, replies), by message type name."""
+        self.sent_bytes: Counter[str] = Counter()
+        """Sealed bytes sent, by message type name."""
+        self._cert_asked: dict[str, float] = {}
+        self._handlers[MsgType.CERT_NEEDED] = (self._on_cert_needed, True)
 
     @property
     def node_id(self) -> str:
@@ -167,9 +184,10 @@ class Bus:
     async def send(self, target: Target, payload: object) -> None:
         """Send one sealed datagram (best effort) to a node id or address."""
         address, _ = self._address(target)
-        data = self._seal(payload)
+        data = self._seal(payload, to=address)
         if data is None:
             return
+        self._count(payload, len(data))
         if address == self._transport.local_address:
             self._on_datagram(data, address)
             return
@@ -189,6 +207,7 @@ class Bus:
         for address in addresses:
             await self._transport.send(address, data)
             count += 1
+        self._count(payload, len(data), count)
         return count
 
     async def _send_as_request(self, address: Address, data: bytes) -> None:
@@ -212,6 +231,7 @@ class Bus:
         peer = expect or f"{address[0]}:{address[1]}"
         if data is None:
             raise PeerError(f"peer {peer}: the request could not be encoded; see the log")
+        self._count(payload, len(data))
         if address == self._transport.local_address:
             raw = await asyncio.wait_for(self._on_request(data, address), timeout)
         else:
@@ -246,6 +266,9 @@ class Bus:
     async def _datagram(self, data: bytes, source: Address) -> None:
         try:
             env = self._open(data, self._config.max_udp_bytes, source)
+        except CertUnknown as e:
+            await self._ask_cert(e, source)
+            return
         except WireError:
             return
         registered = self._handlers.get(env.type)
@@ -281,6 +304,32 @@ class Bus:
             # request): the sender is a member, or the reply is best-effort lost.
             with contextlib.suppress(UnknownMemberError):
                 await self.send(env.sender, reply)
+
+    async def _ask_cert(self, refused: CertUnknown, source: Address) -> None:
+        """Ask a member for the certificate its datagram named. The claim is not
+        authenticated: only a member whose known address sent it is asked, and at most once
+        per CERT_ASK_S, so a forged reference cannot make us send anything elsewhere."""
+        node_id = refused.node_id
+        address = self._resolve(node_id)
+        now = time.monotonic()
+        if address is None or address[0] != source[0] or address[1] != source[1]:
+            return
+        if now - self._cert_asked.get(node_id, -CERT_ASK_S) < CERT_ASK_S:
+            return
+        self._cert_asked[node_id] = now
+        if len(self._cert_asked) > MAX_CERT_ASKED:
+            self._cert_asked.pop(next(iter(self._cert_asked)))
+        # In full: it may not hold ours either (we restarted).
+        data = self._seal(CertNeeded(refused.generation), to=None)
+        if data is not None:
+            self._count(CertNeeded(refused.generation), len(data))
+            await self._transport.send(address, data)
+
+    async def _on_cert_needed(self, msg: Message) -> None:
+        address = self._resolve(msg.sender)
+        for to in {msg.source, address}:
+            if to is not None:
+                self._wire.resend_cert(to)
 
     async def guard(self, coro: Awaitable[None], what: str, peer: str = "") -> None:
         """Await `coro`; an exception (but not cancellation) is counted as a handler error of
@@ -342,18 +391,21 @@ class Bus:
             except WireError:
                 self.dropped["payload"] += 1
                 raise
+        except CertUnknown:
+            raise  # expected after a restart or a lost datagram: the bus asks for it
         except WireError as e:
             key = ("refused", str(source[0]))
             self._warn_once(key, "refused peer message source=%s err=%s", source[0], e)
             raise
         return Message(env.sender, env.type, payload, source)
 
-    def _seal(self, payload: object) -> bytes | None:
+    def _seal(self, payload: object, *, to: Address | None = None) -> bytes | None:
         """Encode and seal, or None if the payload cannot go on the wire (a bug of ours: it
-        is counted and logged, never raised into the caller's loop)."""
+        is counted and logged, never raised into the caller's loop). `to`: the destination
+        of a datagram (it may get a reference to our certificate instead of a copy)."""
         try:
             msg_type, body = encode_payload(payload)
-            return self._wire.seal(msg_type, body, self._clock())
+            return self._wire.seal(msg_type, body, self._clock(), to=to)
         except (TypeError, ValueError, OverflowError) as e:
             self.dropped["unsendable"] += 1
             self._count_error(type(payload).__name__, e, "")
@@ -362,9 +414,16 @@ class Bus:
     def _reply(self, payload: object) -> bytes:
         data = self._seal(payload)
         if data is None:
-            data = self._seal(ErrorReply("the reply could not be encoded; see the peer's log"))
+            payload = ErrorReply("the reply could not be encoded; see the peer's log")
+            data = self._seal(payload)
         assert data is not None  # an ErrorReply always encodes
+        self._count(payload, len(data))
         return data
+
+    def _count(self, payload: object, size: int, copies: int = 1) -> None:
+        kind = msg_type_of(payload).name
+        self.sent[kind] += copies
+        self.sent_bytes[kind] += size * copies
 
     def _address(self, target: Target) -> tuple[Address, str | None]:
         if isinstance(target, tuple):

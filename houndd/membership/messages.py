@@ -175,6 +175,16 @@ class ErrorReply:
     error: Text
 
 
+@message(MsgType.CERT_NEEDED)
+@dataclass(frozen=True)
+class CertNeeded:
+    """The sender could not check a datagram of ours: it does not hold the signing
+    certificate the datagram named (it restarted, or the datagram that carried the
+    certificate was lost). Our next datagram to it carries the certificate again."""
+
+    generation: Counter
+
+
 @message(MsgType.RECEIPT)
 @dataclass(frozen=True)
 class Receipt:

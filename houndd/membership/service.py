@@ -169,13 +169,15 @@ class Membership:
                     tg.create_task(one(address))
         return sum(results)
 
-    def add_candidate(self, address: Address) -> None:
-        """A hint from discovery: join `address` unless it is known or was tried recently."""
+    def add_candidate(self, address: Address) -> bool:
+        """A hint from discovery: join `address` unless it is known or was tried recently.
+        False if there was nothing to do (an alive member's address, or tried just now)."""
         if self._tg is None:
-            return
+            return True
         actions = self._handle(JoinCandidate(address))
         if actions:
             self._tg.create_task(self._apply(actions))
+        return bool(actions)
 
     def update_local(self, **fields: Any) -> None:
         """Change this node's metadata (labels, docker_version, free_disk_bytes, kernel, os);

@@ -319,7 +319,10 @@ class MemberTable:
 
     def next_deadline(self) -> float:
         """The earliest time at which `Tick` has something to do."""
-        times = [self._next_probe_at, self._next_gossip_at, self._next_push_pull_at]
+        times = [self._next_probe_at, self._next_push_pull_at]
+        if self.pending_updates():
+            # Piggyback-only gossip rounds have nothing to carry at rest: no timer for them.
+            times.append(self._next_gossip_at)
         if self._probe is not None:
             times.append(self._probe.deadline)
             if not self._probe.indirect_sent:
@@ -376,7 +379,7 @@ class MemberTable:
         for node_id in [n for n, s in self._suspicions.items() if now >= s.deadline]:
             member = self._members[node_id]
             self._apply_dead(node_id, member.incarnation, self._local_id, now, out)
-        if now >= self._next_gossip_at:
+        if now >= self._next_gossip_at and self.pending_updates():
             self._next_gossip_at = now + self._config.gossip_interval_s * self._rng.uniform(
                 0.9, 1.1
             )

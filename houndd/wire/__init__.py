@@ -2,7 +2,12 @@
 
 Sealing: the envelope is msgpack-encoded, signed with this node's current signing key (its
 certificate, signed by the identity key, rides along as `{cert, sig, body}`), and the whole is
-sealed with SecretBox under the keyring's primary key, prefixed with the key id.
+sealed with SecretBox under the keyring's primary key, prefixed with the key id. A datagram
+to an address that was sent the current certificate before names it instead
+(`{ref: [node id, generation], sig, body}`): the certificate is about half of a small
+message. A receiver that does not hold the named certificate refuses the datagram with
+`CertUnknown` and asks the sender for it (the bus's CERT_NEEDED), after which the sender
+attaches it again (`resend_cert`).
 
 Opening runs the cheap checks first: size cap, known key id, then decryption, the certificate
 and signature, the envelope's strict decoding, and finally the replay window. Anything wrong is a
@@ -12,8 +17,9 @@ and signature, the envelope's strict decoding, and finally the replay window. An
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Mapping
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from houndd.errors import WireError
@@ -26,13 +32,15 @@ from houndd.wire.codec import (
     pack,
     unpack,
 )
+from houndd.wire.fields import NODE_ID_PATTERN
 from houndd.wire.keyring import Keyring, KeyringError, derive_api_token, generate_key
 from houndd.wire.replay import ReplayGuard
 from houndd.wire.signing import Cert, NodeIdentity, PeerKeys, SigningKeys
-from houndd.wire.types import MsgType, WireRefused
+from houndd.wire.types import CertUnknown, MsgType, WireRefused
 
 __all__ = [
     "WIRE_VERSION",
+    "CertUnknown",
     "Envelope",
     "Keyring",
     "KeyringError",
@@ -50,10 +58,16 @@ __all__ = [
 
 log = logging.getLogger("houndd.wire")
 
-# The signed blob has exactly three keys and the cert seven fields; nothing in it is an array.
-# Parsing it happens before any signature check, so its item cap stays tiny (see codec.unpack).
+NODE_ID = re.compile(NODE_ID_PATTERN)
+
+# The signed blob has exactly three keys and the cert seven fields (a reference two); parsing
+# it happens before any signature check, so its item cap stays tiny (see codec.unpack).
 _BLOB_MAX_ITEMS = 8
 _BLOB_KEYS = frozenset({"cert", "sig", "body"})
+_REF_KEYS = frozenset({"ref", "sig", "body"})
+MAX_CERT_SENT = 65536
+"""Addresses remembered as holding our certificate; the oldest is forgotten beyond this (it
+then gets the certificate again)."""
 
 
 class Wire:
@@ -91,9 +105,18 @@ class Wire:
             window_s=replay_window_s, max_senders=max_senders, started_at=started_at
         )
         self._seq = 0
+        self._cert_sent: OrderedDict[Hashable, int] = OrderedDict()
 
-    def seal(self, msg_type: MsgType, payload: Mapping[str, Any], now: float) -> bytes:
-        """Build, sign and encrypt one message. Each call uses a new sequence number."""
+    def resend_cert(self, to: Hashable) -> None:
+        """The next datagram to `to` carries the full certificate again."""
+        self._cert_sent.pop(to, None)
+
+    def seal(
+        self, msg_type: MsgType, payload: Mapping[str, Any], now: float, *, to: Hashable = None
+    ) -> bytes:
+        """Build, sign and encrypt one message. Each call uses a new sequence number. With
+        `to` (a datagram's destination) the certificate goes in full only if `to` was not
+        sent the current one yet; without it, always."""
         self._seq += 1
         body = encode_envelope(
             Envelope(
@@ -108,7 +131,17 @@ class Wire:
             )
         )
         cert, sig = self.signing.sign(body, now)
-        return self.keyring.seal(pack({"cert": schema.encode(cert), "sig": sig, "body": body}))
+        blob: dict[str, Any]
+        if to is not None and self._cert_sent.get(to) == cert.generation:
+            self._cert_sent.move_to_end(to)
+            blob = {"ref": [self.node_id, cert.generation], "sig": sig, "body": body}
+        else:
+            if to is not None:
+                self._cert_sent[to] = cert.generation
+                if len(self._cert_sent) > MAX_CERT_SENT:
+                    self._cert_sent.popitem(last=False)
+            blob = {"cert": schema.encode(cert), "sig": sig, "body": body}
+        return self.keyring.seal(pack(blob))
 
     def open(self, data: bytes, now: float, *, max_size: int) -> Envelope:
         """Authenticate, decode and replay-check one message; WireError on anything wrong."""
@@ -131,15 +164,12 @@ class Wire:
         plain = self.keyring.open(data)
 
         blob = unpack(plain, max_size, max_items=_BLOB_MAX_ITEMS)
-        if not isinstance(blob, dict) or blob.keys() != _BLOB_KEYS:
-            raise WireRefused("malformed", "expected a signed blob {cert, sig, body}")
+        if not isinstance(blob, dict) or blob.keys() not in (_BLOB_KEYS, _REF_KEYS):
+            raise WireRefused("malformed", "expected a signed blob {cert|ref, sig, body}")
         body, sig = blob["body"], blob["sig"]
         if not isinstance(body, bytes) or not isinstance(sig, bytes):
             raise WireRefused("malformed", "body and sig must be binary")
-        try:
-            cert = schema.decode(Cert, blob["cert"])
-        except schema.SchemaError as e:
-            raise WireRefused("malformed", f"cert.{e}") from None
+        cert = self._cert_of(blob)
         self.peers.verify(cert, body, sig, now)
 
         env = decode_envelope(body, max_size)
@@ -149,3 +179,24 @@ class Wire:
             raise WireRefused("cluster", f"message for cluster {env.cluster_id!r}")
         self._replay.accept(env.sender, env.boot_epoch, env.seq, env.ts, now)
         return env
+
+    def _cert_of(self, blob: dict[str, Any]) -> Cert:
+        if "cert" in blob:
+            try:
+                return schema.decode(Cert, blob["cert"])
+            except schema.SchemaError as e:
+                raise WireRefused("malformed", f"cert.{e}") from None
+        ref = blob["ref"]
+        if (
+            not isinstance(ref, list)
+            or len(ref) != 2
+            or not isinstance(ref[0], str)
+            or NODE_ID.fullmatch(ref[0]) is None
+            or isinstance(ref[1], bool)
+            or not isinstance(ref[1], int)
+        ):
+            raise WireRefused("malformed", "ref: expected [node id, generation]")
+        cert = self.peers.cert(ref[0], ref[1])
+        if cert is None:
+            raise CertUnknown(ref[0], ref[1])
+        return cert

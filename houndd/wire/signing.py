@@ -264,7 +264,13 @@ class PeerKeys:
         self._max_certs = max_certs
         self._max_nodes = max_nodes
         self._certs: OrderedDict[Cert, nacl.signing.VerifyKey] = OrderedDict()
+        self._by_ref: dict[tuple[str, int], Cert] = {}
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
+
+    def cert(self, node_id: str, generation: int) -> Cert | None:
+        """A certificate verified before, by its node id and generation (a datagram may name
+        its certificate this way once the receiver holds it)."""
+        return self._by_ref.get((node_id, generation))
 
     def pinned(self, node_id: str) -> bytes | None:
         """The identity public key pinned for `node_id`, if any."""
@@ -330,8 +336,11 @@ class PeerKeys:
             raise WireRefused("cert_invalid", f"certificate of {cert.node_id} is forged") from None
         verify_key = nacl.signing.VerifyKey(cert.signing_pub)
         self._certs[cert] = verify_key
+        self._by_ref[(cert.node_id, cert.generation)] = cert
         if len(self._certs) > self._max_certs:
-            self._certs.popitem(last=False)
+            old, _ = self._certs.popitem(last=False)
+            if self._by_ref.get((old.node_id, old.generation)) == old:
+                del self._by_ref[(old.node_id, old.generation)]
         return verify_key
 
     def _check_generation(self, peer: _Peer, cert: Cert, now: float) -> None:

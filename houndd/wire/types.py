@@ -53,6 +53,7 @@ class MsgType(IntEnum):
     PLAN_GET_REPLY = 37
     PLAN_LIST = 38  # a node asks the coordinator for its plan list (to serve a reader)
     PLAN_LIST_REPLY = 39
+    CERT_NEEDED = 40  # a datagram named a signing certificate the receiver does not hold
 
 
 RETIRED_NUMBERS = frozenset({5, 6, 7, 20})
@@ -68,3 +69,14 @@ class WireRefused(WireError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class CertUnknown(WireRefused):
+    """A datagram named its signing certificate by reference, and this node does not hold
+    that certificate (it restarted, or the datagram that carried it was lost). `node_id` is
+    the claimed sender: not authenticated, only a hint of whom to ask for the certificate."""
+
+    def __init__(self, node_id: str, generation: int) -> None:
+        super().__init__("cert_unknown", f"certificate {generation} of {node_id} not held here")
+        self.node_id = node_id
+        self.generation = generation

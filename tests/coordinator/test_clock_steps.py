@@ -9,30 +9,12 @@ sharing one wall clock that the test steps (as NTP would, on every host at once)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from houndd.config import local
-from houndd.coordinator.dispatch import Clocks
-from houndd.coordinator.memory import MemoryStore
 from houndd.coordinator.results import ItemState
-from houndd.coordinator.service import CoordinatorService
-from houndd.daemon import LocalPuller, report_result
-from houndd.image.credentials import RegistryAuth
-from houndd.image.registry import Resolved
-from houndd.membership.bus import Bus
-from houndd.membership.member import Member
-from houndd.membership.memory import MemoryNetwork
-from houndd.membership.service import Membership
-from houndd.metrics import Metrics
-from houndd.puller.executor import Executor, ItemReport
-from houndd.puller.memory import FakeEngine
-from houndd.wire import Keyring, NodeIdentity, Wire
+from tests.coordinator.inprocess import cluster, coordinator_of, until
 
 HOUR = 3600.0
 
@@ -47,101 +29,10 @@ class SteppedWallClock:
         return time.time() + self.offset
 
 
-class AnyTag:
-    """A registry where every tag exists."""
-
-    async def resolve(self, ref: str, auth: RegistryAuth | None = None) -> Resolved:
-        return Resolved("sha256:" + "ab" * 32, 1000, "application/vnd.oci.image.manifest.v1+json")
-
-
-@dataclass
-class Node:
-    name: str
-    bus: Bus
-    membership: Membership
-    service: CoordinatorService
-    executor: Executor
-    address: tuple[str, int]
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for part in (self.bus, self.membership, self.executor, self.service):
-                tg.create_task(part.run())
-
-
-def build(i: int, net: MemoryNetwork, key: bytes, wall: SteppedWallClock, tmp: Path) -> Node:
-    config = local(state_dir=str(tmp / f"n{i}"), node_name=f"n{i}", plan_replicas=2)
-    wire = Wire(
-        cluster_id="test", keyring=Keyring(key), identity=NodeIdentity.generate(), boot_epoch=1
-    )
-    address = (f"10.9.0.{i + 1}", 7480)
-    transport = net.transport(address)
-    bus = Bus(config, wire, transport, clock=wall)
-    me = Member(node_id=wire.node_id, name=f"n{i}", host=address[0], port=address[1])
-    membership = Membership(config, bus, me, clock=wall, rng=random.Random(i))
-    engine = FakeEngine(pull_duration_s=1.5, any_image_size=1000)
-    service: CoordinatorService | None = None
-
-    def on_report(report: ItemReport) -> None:
-        assert service is not None
-        service.on_report(report.plan_id, report.image, report_result(report))
-
-    executor = Executor(
-        engine, node_id=wire.node_id, progress_interval_s=0.1, on_report=on_report, clock=wall
-    )
-    service = CoordinatorService(
-        config,
-        bus=bus,
-        membership=membership,
-        store=MemoryStore(),
-        local=LocalPuller(executor, engine),
-        registry=AnyTag(),
-        metrics=Metrics(),
-        keyring=Keyring(key),
-        rng=random.Random(100 + i),
-        clocks=Clocks(wall=wall, mono=time.monotonic),
-    )
-    service.start()
-    service.discovery_round_done()  # no discovery here: the memory network is the world
-    return Node(f"n{i}", bus, membership, service, executor, address)
-
-
-@contextlib.asynccontextmanager
-async def cluster(tmp: Path, wall: SteppedWallClock) -> AsyncIterator[list[Node]]:
-    net = MemoryNetwork(random.Random(0), delay=(0.0005, 0.002))
-    key = Keyring.generate().primary
-    nodes = [build(i, net, key, wall, tmp) for i in range(3)]
-    tasks = [asyncio.create_task(n.run()) for n in nodes]
-    try:
-        for n in nodes[1:]:
-            assert await n.membership.join([nodes[0].address]) == 1
-        yield nodes
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-
-
-async def until(cond: object, within_s: float, what: str) -> None:
-    assert callable(cond)
-    async with asyncio.timeout(within_s):
-        while not cond():  # noqa: ASYNC110 - several nodes' state, no single event
-            await asyncio.sleep(0.02)
-    assert cond(), what
-
-
 async def test_wall_clock_steps_mid_plan_neither_elect_nor_time_out(tmp_path: Path) -> None:
     wall = SteppedWallClock()
-    async with cluster(tmp_path, wall) as nodes:
-
-        def agreed() -> str | None:
-            seen = {n.service.coordinator() for n in nodes}
-            only = seen.pop() if len(seen) == 1 else (None, 0)
-            return only[0]
-
-        await until(lambda: agreed() is not None, 15, "one coordinator")
+    async with cluster(tmp_path, wall=wall) as nodes:
+        await coordinator_of(nodes)
         coordinator, term = nodes[0].service.coordinator()
         body = {
             "name": "steps",

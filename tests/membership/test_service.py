@@ -27,6 +27,7 @@ from houndd.membership.messages import KeyringOp, KeyringReply, Ping, PushPull
 from houndd.membership.service import Membership
 from houndd.membership.transport import PeerError, RemoteError
 from houndd.wire import Keyring, MsgType, NodeIdentity, Wire, generate_key
+from houndd.wire.signing import PeerKeys
 
 
 class Node:
@@ -291,4 +292,41 @@ async def test_graceful_leave_is_seen_as_left(tmp_path: Path) -> None:
         await eventually(
             lambda: all(n.m.get(victim).state is MemberState.LEFT for n in nodes[:2]),  # type: ignore[union-attr]
             what="leave seen",
+        )
+
+
+async def test_a_receiver_that_lost_our_certificate_gets_it_again(tmp_path: Path) -> None:
+    """Datagrams name the sender's certificate once the receiver was sent it. A receiver
+    that no longer holds it (it restarted) refuses one datagram, asks for the certificate
+    (CERT_NEEDED), and the next datagram carries it."""
+    async with cluster(tmp_path, 2) as nodes:
+        sender, receiver = nodes
+        got: list[int] = []
+
+        async def handler(msg: Message) -> None:
+            assert isinstance(msg.payload, VoteRequest)
+            got.append(msg.payload.term)
+
+        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
+        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
+        await eventually(lambda: got == [1], what="first datagram")
+        small = sender.bus.sent_bytes["VOTE_REQUEST"]
+        receiver.wire.peers = PeerKeys()  # as after a restart: no certificate held
+        await sender.bus.send(receiver.id, VoteRequest(2, sender.id))  # a reference: refused
+        await eventually(
+            lambda: sender.bus.sent["VOTE_REQUEST"] == 2 and receiver.bus.sent["CERT_NEEDED"] >= 1,
+            what="the receiver asked for the certificate",
+        )
+        assert sender.bus.sent_bytes["VOTE_REQUEST"] - small < small  # the 2nd named it
+        assert receiver.wire.refused["cert_unknown"] >= 1
+        await eventually(
+            lambda: receiver.address not in sender.wire._cert_sent,
+            what="the sender heard CERT_NEEDED",
+        )
+        await sender.bus.send(receiver.id, VoteRequest(3, sender.id))
+        await eventually(lambda: 3 in got, what="the next datagram carried the certificate")
+        assert 2 not in got
+        await eventually(
+            lambda: all(n.alive_ids() == {sender.id, receiver.id} for n in nodes),
+            what="both still alive",
         )

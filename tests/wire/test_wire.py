@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from houndd.errors import HounddError, WireError
 from houndd.wire import Envelope, Keyring, MsgType, NodeIdentity, Wire, schema
 from houndd.wire.codec import WIRE_VERSION, encode_envelope, pack
-from houndd.wire.types import WireRefused
+from houndd.wire.types import CertUnknown, WireRefused
 from tests.wire.conftest import MAX_UDP, T0, WireFactory
 from tests.wire.keys import colliding_keys, distinct_keys
 
@@ -366,3 +366,54 @@ def test_random_plaintext_under_a_valid_key_is_refused(plain: bytes) -> None:
 def test_random_signed_bodies_only_ever_raise_wire_error(body: bytes) -> None:
     with contextlib.suppress(WireError):
         receiver().open(forge(_SENDER, body=body), T0, max_size=MAX_UDP)
+
+
+# --- certificate references on datagrams -------------------------------------------------------
+
+
+def test_a_datagram_names_a_certificate_its_receiver_was_sent(make_wire: WireFactory) -> None:
+    a, b = make_wire(), make_wire()
+    to = ("10.0.0.2", 7480)
+    first = a.seal(MsgType.PING, {"n": 1}, T0, to=to)
+    second = a.seal(MsgType.PING, {"n": 1}, T0 + 0.01, to=to)
+    assert len(second) < len(first) - 200  # the certificate is most of a small message
+    assert b.open(first, T0, max_size=MAX_UDP).payload == {"n": 1}
+    assert b.open(second, T0 + 0.01, max_size=MAX_UDP).sender == a.node_id
+    # Requests and replies (no destination given) always carry it.
+    assert len(a.seal(MsgType.PING, {"n": 1}, T0 + 0.02)) == len(first)
+
+
+def test_an_unknown_reference_is_refused_until_the_certificate_is_sent_again(
+    make_wire: WireFactory,
+) -> None:
+    a, restarted = make_wire(), make_wire()
+    to = ("10.0.0.2", 7480)
+    a.seal(MsgType.PING, {}, T0, to=to)  # carried the certificate (to the old incarnation)
+    ref = a.seal(MsgType.PING, {}, T0 + 0.01, to=to)
+    with pytest.raises(CertUnknown) as info:
+        restarted.open(ref, T0 + 0.01, max_size=MAX_UDP)
+    assert (info.value.node_id, info.value.reason) == (a.node_id, "cert_unknown")
+    assert restarted.refused["cert_unknown"] == 1
+    a.resend_cert(to)
+    full = a.seal(MsgType.PING, {}, T0 + 0.02, to=to)
+    assert restarted.open(full, T0 + 0.02, max_size=MAX_UDP).sender == a.node_id
+    # A new signing key is a new certificate: it goes in full again.
+    a.signing.rotate(T0 + 0.03, force=True)
+    rotated = a.seal(MsgType.PING, {}, T0 + 0.03, to=to)
+    assert len(rotated) == len(full)
+    assert restarted.open(rotated, T0 + 0.03, max_size=MAX_UDP).sender == a.node_id
+
+
+def test_a_malformed_or_forged_reference_is_refused(make_wire: WireFactory) -> None:
+    a, b = make_wire(), make_wire()
+    body = b"x"
+    _, sig = a.signing.sign(body, T0)
+    for ref in ([a.node_id], ["NOT-AN-ID", 1], [a.node_id, True], "x", [a.node_id, 1, 2]):
+        blob = pack({"ref": ref, "sig": sig, "body": body})
+        assert refusal(b, a.keyring.seal(blob)) == "malformed"
+    # A reference to a certificate b holds, over bytes its key did not sign.
+    b.open(a.seal(MsgType.PING, {}, T0), T0, max_size=MAX_UDP)
+    cert = a.signing.cert
+    assert cert is not None
+    forged = pack({"ref": [a.node_id, cert.generation], "sig": b"\0" * 64, "body": body})
+    assert refusal(b, a.keyring.seal(forged)) == "signature"
