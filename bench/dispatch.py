@@ -327,7 +327,7 @@ def sim_run(n: int, seed: int, drain_budget_s: float) -> dict[str, Any]:
     doc = PlanDocument(
         {
             "name": "dispatch",
-            "nodes": {nid: [image] for nid in c.ids},
+            "targets": [{"images": [image], "all": True}],
             "policy": {"parallelism": n, "per_node_parallelism": 1},
         }
     )
