@@ -93,10 +93,12 @@ class PlanViews:
                 "node": self._name(it.node_id, doc.names),
                 "node_id": it.node_id,
                 "image": it.image,
-                "digest": it.digest or res.digest,
                 "size_bytes": it.size_bytes,
                 "final": res.is_final or (cancelled and res.state is not ItemState.PULLING),
                 **res.to_dict(),
+                # the plan's resolved digest: a coordinator's verdict (retries exhausted, node
+                # unavailable) carries none, and must not blank it
+                "digest": it.digest or res.digest,
             }
             if cancelled and res.state is ItemState.PENDING:
                 row["state"] = "cancelled"
