@@ -89,6 +89,11 @@ class Config:
     submit_wait_s: float = _doc(
         "how long a submission waits for a coordinator before answering 503", default=5.0
     )
+    plan_parse_timeout_s: float = _doc(
+        "time budget for parsing one plan's text, in a child process so the daemon never "
+        "waits on it; a plan that takes longer is refused as invalid",
+        default=10.0,
+    )
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
     log_format: str = _doc(
         "text (one `ts level logger key=value...` line per record) or json (one object per line)",

@@ -437,7 +437,7 @@ class Daemon:
         self._shutdown_done = True
         if self._runner is not None:
             await self._runner.cleanup()
-        for closer in ("discovery", "blobs", "transport", "engine", "registry"):
+        for closer in ("discovery", "blobs", "service", "transport", "engine", "registry"):
             part = getattr(self, closer, None)
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -81,6 +81,10 @@ class CoordinatorService:
         """Run the core until cancelled."""
         await self.runtime.run()
 
+    async def close(self) -> None:
+        """Stop what runs outside the task group (the plan parser's child process)."""
+        await self.submission.close()
+
     def discovery_round_done(self) -> None:
         """Discovery ran once: the election's join window starts now."""
         self.runtime.discovery_round_done()

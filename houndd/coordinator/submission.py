@@ -29,9 +29,9 @@ from houndd.coordinator.plan import (
     PlanSpec,
     TargetNode,
     format_of,
-    parse_plan,
     resolve_targets,
 )
+from houndd.coordinator.plan.parser_process import PlanParser
 from houndd.coordinator.records import Group, PlanDocument, PlanItem, Unresolved
 from houndd.coordinator.sealed import seal_credentials
 from houndd.errors import (
@@ -45,6 +45,7 @@ from houndd.image.credentials import RegistryAuth, plan_auth
 from houndd.image.registry import Resolved
 from houndd.membership.bus import Bus, Message
 from houndd.membership.service import Membership
+from houndd.wire.fields import MAX_ITEMS
 from houndd.wire.types import MsgType
 
 log = logging.getLogger("houndd.coordinator")
@@ -91,11 +92,17 @@ class Submission:
         self._membership = membership
         self._runtime = runtime
         self.registry = registry
+        self._parser = PlanParser(config.plan_parse_timeout_s)
         bus.register(MsgType.PLAN_FORWARD, self._on_forward)
+
+    async def close(self) -> None:
+        """Stop the plan parser's child process."""
+        await self._parser.close()
 
     async def submit(self, body: bytes, content_type: str) -> Accepted:
         """Validate, then run the submission here if this node coordinates, else forward it."""
-        parse_plan(body, fmt=format_of(content_type))  # a bad plan never leaves this node
+        # a bad plan never leaves this node
+        spec = await self._parser.parse(body, format_of(content_type))
         runtime = self._runtime
         mono = runtime.clocks.mono
         deadline = mono() + self._config.submit_wait_s
@@ -103,7 +110,6 @@ class Submission:
             coordinator, _ = runtime.coordinator()
             try:
                 if coordinator == runtime.node_id:
-                    spec = parse_plan(body, fmt=format_of(content_type))
                     return await self.accept(spec, via=self._membership.local.name)
                 if coordinator is not None:
                     return await self._forward(coordinator, body, content_type)
@@ -139,7 +145,7 @@ class Submission:
         if self._runtime.coordinator()[0] != self._runtime.node_id:
             return PlanForwardReply(refusal=Refusal("not-coordinator", NOT_COORDINATOR))
         try:
-            spec = parse_plan(p.body, fmt=format_of(p.content_type))
+            spec = await self._parser.parse(p.body, format_of(p.content_type))
             accepted = await self.accept(spec, via=p.via)
         except NotCoordinator as e:
             return PlanForwardReply(refusal=Refusal("not-coordinator", str(e)[:1024]))
@@ -153,7 +159,9 @@ class Submission:
     async def accept(self, spec: PlanSpec, *, via: str) -> Accepted:
         """Coordinator: resolve targets and digests, store + replicate, answer once durable."""
         members = self._membership.alive()
-        resolution = resolve_targets(spec, [TargetNode(mb.name, mb.labels) for mb in members])
+        resolution = resolve_targets(
+            spec, [TargetNode(mb.name, mb.labels) for mb in members], max_items=MAX_ITEMS
+        )
         if not resolution.requests:
             unknown = ", ".join(resolution.unknown_nodes)
             raise PlanError(
