@@ -212,11 +212,21 @@ def item_error(it: Mapping[str, Any]) -> str:
     return ": ".join(str(x) for x in (it.get("reason"), it.get("detail")) if x)
 
 
+_SOURCES = (("bytes_registry", "registry"), ("bytes_peers", "peers"), ("bytes_cache", "cache"))
+
+
+def sources_text(it: Mapping[str, Any]) -> str:
+    """Where an item's bytes came from: `peers 5.7 MiB, registry 1.0 MiB`; `-` for none."""
+    parts = [f"{label} {size(it[key])}" for key, label in _SOURCES if it.get(key)]
+    return ", ".join(parts) or "-"
+
+
 def plan_lines(
     plan: Mapping[str, Any], term: Term, *, wide: bool = False, no_headers: bool = False
 ) -> list[str]:
-    """`houndd plan ID` and the report after `--wait`: one row per node x image."""
-    headers = ["node", "image", "state", "size", "attempts", "time", "error"]
+    """`houndd plan ID` and the report after `--wait`: one row per node x image, with where
+    its bytes came from (the registry, peers, this node's blob cache)."""
+    headers = ["node", "image", "state", "size", "from", "attempts", "time", "error"]
     if wide:
         headers.insert(3, "digest")
     rows = []
@@ -231,6 +241,7 @@ def plan_lines(
             str(it.get("image")),
             (shown, state),
             size(total) if total else "-",
+            sources_text(it),
             str(it.get("attempt", 0)),
             took,
             item_error(it) or "",
