@@ -89,6 +89,12 @@ class Config:
     submit_wait_s: float = _doc(
         "how long a submission waits for a coordinator before answering 503", default=5.0
     )
+    preview_timeout_s: float = _doc(
+        "how long the coordinator waits for the targets of a plan to say which of its images "
+        "they hold and how much disk they have free (disk-aware admission, dry runs); a "
+        "target that has not answered by then is admitted unchecked",
+        default=2.0,
+    )
     plan_parse_timeout_s: float = _doc(
         "time budget for parsing one plan's text, in a child process so the daemon never "
         "waits on it; a plan that takes longer is refused as invalid",
@@ -134,7 +140,10 @@ class Config:
     anti_entropy_interval_s: float = _doc("plan/result digest exchange period", default=1.0)
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
     keep_present_interval_s: float = _doc(
-        "how often a node checks it holds the images of keep_present plans", default=60.0
+        "how often a node checks it holds the images of keep_present plans (besides at once "
+        "on events: its start, its labels changing, a keep_present plan reaching it, a member "
+        "coming back)",
+        default=60.0,
     )
     node_return_timeout_s: float = _doc(
         "items of a dead or unreachable target fail with 'node unavailable' after this long",

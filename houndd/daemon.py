@@ -104,17 +104,23 @@ def ensure_keys(config: Config) -> tuple[NodeIdentity, Keyring]:
 
 
 def make_engine(docker_host: str) -> Engine:
-    """The Docker engine, or with `fake://?pull_s=S&size=B` the in-memory fake (tests and
-    benchmarks of the coordination layer: every pull takes S seconds, any image exists)."""
+    """The Docker engine, or with `fake://?pull_s=S&size=B&disk=F` the in-memory fake (tests
+    and benchmarks of the coordination layer: every pull takes S seconds, any image exists,
+    F bytes of disk are free)."""
     if not docker_host.startswith("fake://"):
         return DockerEngine(docker_host)
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(docker_host).query)
     try:
         pull_s = float(query.get("pull_s", ["0.5"])[0])
         size = int(query.get("size", [str(10 << 20)])[0])
+        disk = int(query.get("disk", [str(100 << 30)])[0])
     except ValueError:
-        raise ConfigError("docker_host", "fake:// takes pull_s=SECONDS and size=BYTES") from None
-    return FakeEngine(pull_duration_s=pull_s, any_image_size=size, progress_steps=8)
+        raise ConfigError(
+            "docker_host", "fake:// takes pull_s=SECONDS, size=BYTES and disk=FREE_BYTES"
+        ) from None
+    return FakeEngine(
+        pull_duration_s=pull_s, any_image_size=size, progress_steps=8, free_disk_bytes=disk
+    )
 
 
 class CountingEngine:
@@ -184,6 +190,9 @@ class LocalPuller:
 
     async def has_image(self, ref: str) -> str | None:
         return await self._engine.has_image(ref)
+
+    async def free_disk_bytes(self) -> int | None:
+        return (await self._engine.info()).free_disk_bytes
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -701,6 +710,9 @@ class Daemon:
         accepted = await self.service.submit(body, content_type)
         self.metrics.plans_submitted.inc()
         return schema.encode(accepted)
+
+    async def preview_plan(self, body: bytes, content_type: str) -> dict[str, Any]:
+        return schema.encode(await self.service.preview(body, content_type))
 
     def plans(self) -> list[dict[str, Any]]:
         return self.service.plans()

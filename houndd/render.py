@@ -280,12 +280,67 @@ def submit_notes(
 
 
 def submit_problems(accepted: Mapping[str, Any]) -> bool:
-    """True if the plan was accepted with something it cannot serve."""
+    """True if the plan was accepted with something it cannot serve (a dry run: would be)."""
     return bool(
         accepted.get("unresolved")
         or accepted.get("unknown_nodes")
         or accepted.get("empty_selectors")
+        or accepted.get("no_space")
+        or any(n.get("no_space") for n in accepted.get("nodes", []))
     )
+
+
+def no_space_notes(accepted: Mapping[str, Any]) -> list[str]:
+    """The images an accepted plan failed at once for lack of disk, one line per node."""
+    return [
+        f"node {node} has no room for {', '.join(images)}: failed as no space "
+        f"(`houndd plan {accepted.get('id', 'ID')}` says how much it lacks)"
+        for node, images in sorted((accepted.get("no_space") or {}).items())
+    ]
+
+
+def preview_lines(
+    preview: Mapping[str, Any], term: Term, *, wide: bool = False, no_headers: bool = False
+) -> list[str]:
+    """`houndd submit --dry-run`: per target, what it lacks, the bytes to transfer, its free
+    disk and whether that suffices."""
+    sizes: Mapping[str, int] = preview.get("sizes") or {}
+    headers = ["node", "lacks", "to transfer", "free disk", "fits"]
+    if wide:
+        headers.insert(2, "holds")
+    rows: list[list[Cell]] = []
+    total = 0
+    for n in preview.get("nodes", []):
+        free = n.get("free_disk_bytes")
+        lacking = ", ".join(f"{i} ({size(sizes.get(i))})" for i in n.get("lacking", []))
+        if not n.get("answered"):
+            fits: Cell = (f"unknown: {n.get('note') or 'no answer'}", "suspect")
+            lacking = f"? (not known; {lacking})" if lacking else "?"
+        elif n.get("no_space"):
+            fits = (f"no: {', '.join(n['no_space'])} would fail as no space", "failed")
+        elif free is None:
+            fits = ("unknown: free disk not known", "suspect")
+        else:
+            fits = ("yes", "done")
+        total += int(n.get("bytes_needed") or 0)
+        row: list[Cell] = [
+            str(n.get("node")),
+            lacking or "-",
+            size(n.get("bytes_needed")),
+            size(free) if free is not None else "-",
+            fits,
+        ]
+        if wide:
+            row.insert(2, ", ".join(n.get("present", [])) or "-")
+        rows.append(row)
+    lines = []
+    if not no_headers:
+        lines.append(
+            f"dry run of {preview.get('action', 'pull')} plan {preview.get('name', '')!r}: "
+            f"{len(rows)} nodes, {size(total)} to transfer "
+            f"(nothing stored, nothing pulled; coordinator {preview.get('coordinator', '?')})"
+        )
+    return lines + table(term, headers, rows, no_headers=no_headers)
 
 
 def keys_lines(op: str, data: Mapping[str, Any], term: Term, *, no_headers: bool) -> list[str]:

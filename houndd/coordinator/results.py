@@ -77,16 +77,16 @@ class ItemResult:
     digest: Digest = ""
     bytes_done: Counter = 0
     bytes_total: Counter = 0
-    # where the node got the bytes: the registry, peers, its blob cache (blob sharing)
-    bytes_registry: Counter = 0
-    bytes_peers: Counter = 0
-    bytes_cache: Counter = 0
     reason: ShortText = ""
     detail: Text = ""
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
     skipped: bool = False
     transient: bool = False
+    # where the node got the bytes: the registry, peers, its blob cache (blob sharing)
+    bytes_registry: Counter = 0
+    bytes_peers: Counter = 0
+    bytes_cache: Counter = 0
 
     def __post_init__(self) -> None:
         # NaN has no place in a total order; reject it rather than break the lattice.

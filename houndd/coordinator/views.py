@@ -14,6 +14,7 @@ from typing import Any
 from houndd.coordinator.dispatch import DispatchRuntime
 from houndd.coordinator.records import PlanRecord
 from houndd.coordinator.results import ItemResult, ItemState
+from houndd.errors import NO_SPACE
 from houndd.membership.service import Membership
 from houndd.wire import schema
 
@@ -103,6 +104,29 @@ class PlanViews:
             if cancelled and res.state is ItemState.PENDING:
                 row["state"] = "cancelled"
             rows.append(row)
+        digests = {g.image: g.digest for g in doc.groups}
+        for node_id, refused in (doc.no_space or {}).items():
+            detail = (
+                f"the node lacks {_mib(refused.needed_bytes)} of this plan's images "
+                f"and has {_mib(refused.free_bytes)} free"
+            )
+            rows.extend(
+                {
+                    "node": self._name(node_id, doc.names),
+                    "node_id": node_id,
+                    "image": image,
+                    "digest": digests.get(image, ""),
+                    "size_bytes": size,
+                    "state": "failed",
+                    "attempt": 0,
+                    "reason": NO_SPACE,
+                    "detail": detail,
+                    "final": True,
+                    "bytes_done": 0,
+                    "bytes_total": 0,
+                }
+                for image, size in refused.images.items()
+            )
         for image, failure in doc.unresolved.items():
             for group in doc.groups:
                 if group.image != image:
@@ -163,3 +187,7 @@ class PlanViews:
             view["empty_selectors"] = [dict(s) for s in doc.empty_selectors]
             view["items"] = sorted(rows, key=lambda r: (r["node"], r["image"]))
         return view
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

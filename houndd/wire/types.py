@@ -49,6 +49,8 @@ class MsgType(IntEnum):
     ABORT = 33
     RECEIPT = 34  # the answer to a request that has nothing to say back
     BLOB_GET = 35  # a peer asks for a blob (POST /v1/peer/blob); the answer is a frame stream
+    HOLDINGS = 36  # coordinator -> target: which of these images do you hold, how much disk?
+    HOLDINGS_REPLY = 37
 
 
 RETIRED_NUMBERS = frozenset({5, 6, 7, 20})

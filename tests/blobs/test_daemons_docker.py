@@ -1,6 +1,8 @@
 """Blob sharing between real `houndd run` processes, each with its own dockerd, pulling from
 a real docker-registry: the registry sends each blob once, every node ends with the image
-exactly as a direct pull leaves it, and a peer stalled mid-transfer costs no item.
+exactly as a direct pull leaves it, and a peer stalled mid-transfer costs no item. Each item
+says where its bytes came from (registry, peers, cache), and a dry run asks each dockerd which
+images it holds.
 
 What the registry sent is read from its access log (bytes written per blob response).
 """
@@ -210,6 +212,32 @@ def test_a_pull_of_blobs_in_the_nodes_cache_reports_them_from_cache(p2p: P2PClus
     assert shown.returncode == 0, shown.stderr
     header, row = shown.stdout.splitlines()[1:3]
     assert row[header.index("FROM") :].startswith("cache 1.9 MiB"), shown.stdout
+
+
+def test_a_dry_run_asks_each_dockerd_what_it_holds(p2p: P2PCluster) -> None:
+    held = _push(p2p.registry, "p2p/dry-held", 1 * MB, 741, 1)
+    new = _push(p2p.registry, "p2p/dry-new", 1 * MB, 742, 2)
+    held_ref, new_ref = (f"{p2p.registry.address}/{i.repository}:v1" for i in (held, new))
+    first = p2p.submit({"name": "dry-held", "targets": [{"images": [held_ref], "nodes": ["p1"]}]})
+    assert p2p.wait_final(first)["state"] == "done"
+
+    mark = p2p.log_mark()
+    node = p2p.procs.nodes["p2"]
+    plan = {"name": "dry", "targets": [{"images": [held_ref, new_ref], "all": True}]}
+    status, preview = http("POST", node.api + "/v1/plans?dry_run=true", node.token, plan, 30)
+    assert status == 200, preview
+    nodes = {n["node"]: n for n in preview["nodes"]}
+    assert set(nodes) == set(NAMES)
+    assert (nodes["p1"]["present"], nodes["p1"]["lacking"]) == ([held_ref], [new_ref])
+    assert nodes["p1"]["bytes_needed"] == new.size_bytes
+    for name in ("p2", "p3"):
+        assert nodes[name]["lacking"] == [held_ref, new_ref], nodes[name]
+        assert nodes[name]["bytes_needed"] == held.size_bytes + new.size_bytes
+    for n in nodes.values():
+        # each dockerd's disk is this machine's: far more than a few MB free
+        assert n["answered"] and n["free_disk_bytes"] > 100 * MB and n["no_space"] == [], n
+    assert p2p.blob_bytes_sent(mark) == {"houndd": 0, "dockerd": 0}  # nothing pulled
+    assert all(p["name"] != "dry" for p in p2p.procs.nodes["p1"].get("/v1/plans")[1]["plans"])
 
 
 def test_a_peer_stalled_mid_transfer_costs_no_item(p2p: P2PCluster) -> None:
