@@ -73,6 +73,9 @@ RESOLVE_CONCURRENCY = 8
 """Registry manifest requests in flight for one submission."""
 RETRY_S = 0.05
 """Pause before looking for the coordinator again while the role moves."""
+ROOMY_FACTOR = 2
+"""A target whose gossiped free disk is this many times what a plan could need on it is
+admitted without asking it (the gossiped figure may be 30 s old)."""
 
 
 class NotCoordinator(NoCoordinatorError):
@@ -292,7 +295,7 @@ class Submission:
 
     async def dry_run(self, spec: PlanSpec, *, via: str) -> Preview:
         """Coordinator: what `accept` would decide, per target; nothing is stored."""
-        prep = await self._prepare(spec)
+        prep = await self._prepare(spec, ask_all=True)
         nodes = []
         for name in prep.resolution.requests:
             node_id = prep.by_name[name].node_id
@@ -326,7 +329,7 @@ class Submission:
             coordinator=self._membership.local.name,
         )
 
-    async def _prepare(self, spec: PlanSpec) -> _Prepared:
+    async def _prepare(self, spec: PlanSpec, *, ask_all: bool = False) -> _Prepared:
         """Targets, groups, digests and, for a pull plan, each target's admission."""
         members = self._membership.alive()
         resolution = resolve_targets(
@@ -345,12 +348,18 @@ class Submission:
         if spec.action == "pull":
             images = [g.image for g in groups]
             prep.resolved, prep.unresolved = await self._resolve_digests(spec, images)
-            await self._admit(prep)
+            await self._admit(prep, ask_all=ask_all)
         return prep
 
-    async def _admit(self, prep: _Prepared) -> None:
-        """Ask every target what it holds and how much disk it has; decide what fits."""
+    async def _admit(self, prep: _Prepared, *, ask_all: bool) -> None:
+        """Ask the targets what they hold and how much disk they have; decide what fits.
+
+        Unless `ask_all` (a dry run), a target whose free disk in the member table (gossiped,
+        refreshed every 30 s) is at least ROOMY_FACTOR times all it could need is not asked:
+        nothing can be refused there, and most submissions then cost no extra round trip.
+        """
         wanted: dict[str, list[Wanted]] = {}
+        members = {mb.node_id: mb for mb in prep.members}
         for group in prep.groups:
             found = prep.resolved.get(group.image)
             if found is None:
@@ -359,10 +368,15 @@ class Submission:
                 wanted.setdefault(prep.by_name[name].node_id, []).append(
                     Wanted(group.image, found.digest, found.size_bytes)
                 )
-        asked = {node: [ImageAt(w.image, w.digest) for w in ws] for node, ws in wanted.items()}
+        asked = {
+            node: [ImageAt(w.image, w.digest) for w in ws]
+            for node, ws in wanted.items()
+            if ask_all
+            or members[node].free_disk_bytes < ROOMY_FACTOR * admit(ws, None, None).needed_bytes
+        }
         prep.answers = await self.holdings.ask(asked, self._config.preview_timeout_s)
         for node, ws in wanted.items():
-            answer = prep.answers[node]
+            answer = prep.answers.get(node, Answer(None, error="not asked: ample free disk"))
             verdict = admit(ws, answer.held, answer.free_disk_bytes)
             prep.verdicts[node] = verdict
             if verdict.refused:
