@@ -116,6 +116,16 @@ def test_a_dry_run_says_what_each_node_lacks_and_whether_it_fits(
     assert "nothing stored" in shown.stdout.splitlines()[0]
     assert len(setup.plans()) == before
 
+    # a prune plan transfers nothing: its targets are listed, not asked
+    status, preview = setup.post(
+        "/v1/plans?dry_run=true", {"name": "gc", "action": "prune", "targets": [{"all": True}]}
+    )
+    assert status == 200, preview
+    assert {n["node"]: (n["answered"], n["bytes_needed"], n["note"]) for n in preview["nodes"]} == {
+        name: (False, 0, "a prune plan") for name in NAMES
+    }
+    assert len(setup.plans()) == before
+
 
 def test_a_node_without_room_gets_no_space_before_any_pull(setup: Setup) -> None:
     a, b = setup.refs
