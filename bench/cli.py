@@ -176,7 +176,7 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": f"bench/cli.py --runs {args.runs}",
         "machine": machine(),
-        "python": sys.executable,
+        "python": sys.version.split()[0],
         "load_1m": [load_before, load_after],
         "took_s": round(time.monotonic() - started, 1),
         "rows": rows,

@@ -9,7 +9,7 @@ seconds for the join's gossip to drain:
 - traffic: bytes on `lo` between the daemons' ports (AF_PACKET, so root): UDP datagrams
   (SWIM, heartbeats, every sealed datagram) and peer TCP (`/v1/peer` requests and replies,
   HTTP headers included), per node per second; and, from each daemon's
-  `houndd_peer_bytes_sent_total{type}`, the sealed bytes by message type.
+  `houndd_peer_sent_bytes_total{type}`, the sealed bytes by message type.
 
 Targets: at most 5% of one core in total, at most 1 kB/s per node.
 
@@ -47,7 +47,7 @@ from bench.membership import (  # noqa: E402
 TARGET_CPU_PCT = 5.0
 TARGET_BYTES_PER_NODE_S = 1000.0
 TICKS = os.sysconf("SC_CLK_TCK")
-METRIC = re.compile(r'^houndd_peer_(messages|bytes)_sent_total\{type="([A-Z_]+)"\} ([0-9.e+]+)$')
+METRIC = re.compile(r'^houndd_peer_sent_(messages|bytes)_total\{type="([A-Z_]+)"\} ([0-9.e+]+)$')
 
 
 def cpu_s(pid: int) -> float:
@@ -148,7 +148,7 @@ def main() -> None:
             ],
         ),
         "\nSealed bytes sent, by message type (from the daemons' "
-        "`houndd_peer_bytes_sent_total`; requests and replies without HTTP headers):\n\n",
+        "`houndd_peer_sent_bytes_total`; requests and replies without HTTP headers):\n\n",
         md_table(
             ["type", "messages/node/s", "bytes/node/s", "bytes/message"],
             [

@@ -433,7 +433,7 @@ def with_default_name(body: bytes, content_type: str, name: str) -> bytes:
 def _submit(args: argparse.Namespace, body: bytes, ctype: str, *, wait: bool) -> int:
     """Submit a plan; print its id (stdout) and what it cannot serve (stderr); with `wait`,
     follow it to the end and exit by its outcome."""
-    from houndd.render import submit_notes, submit_problems
+    from houndd.render import no_space_notes, submit_notes, submit_problems
 
     fmt = _output(args)
     structured = fmt in ("json", "yaml")
@@ -442,6 +442,7 @@ def _submit(args: argparse.Namespace, body: bytes, ctype: str, *, wait: bool) ->
         try:
             # while following, items of unresolved images are reported failed like any other
             info, problems = submit_notes(accepted, with_unresolved=not wait)
+            problems += no_space_notes(accepted) if not wait else []
             if not structured:
                 print(accepted["id"], flush=True)
                 for line in info:
@@ -466,7 +467,25 @@ def _submit(args: argparse.Namespace, body: bytes, ctype: str, *, wait: bool) ->
 def cmd_submit(args: argparse.Namespace) -> int:
     body, ctype = _read_plan_file(args.file)
     body = with_default_name(body, ctype, _default_name(args.file))
+    if args.dry_run:
+        if args.wait:
+            raise UsageError("--dry-run stores nothing, so there is nothing to --wait for")
+        return _dry_run(args, body, ctype)
     return _submit(args, body, ctype, wait=args.wait)
+
+
+def _dry_run(args: argparse.Namespace, body: bytes, ctype: str) -> int:
+    """What the plan would do on each target (images it lacks, bytes to transfer, whether its
+    free disk suffices); exit 1 if anything would fail or be skipped."""
+    from houndd.render import submit_notes, submit_problems
+
+    with _client(args) as c:
+        preview = c.request("POST", "/v1/plans?dry_run=true", data=body, content_type=ctype)
+    _, problems = submit_notes({"id": "(dry run)", **preview})
+    for problem in problems:
+        _warn(f"warning: {problem}")
+    _show(args, preview, lambda r: r.preview_lines)
+    return EXIT_FAILED if submit_problems(preview) else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -697,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="follow progress; exit 0 only if all succeeded"
     )
     sp.add_argument("--quiet", action="store_true", help="with --wait: no progress, the report")
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="per node: images it lacks, bytes to transfer, whether its disk suffices; "
+        "nothing stored, nothing pulled",
+    )
     sp.set_defaults(func=cmd_submit)
 
     sp = sub.add_parser("validate", help="check a plan file offline and show its groups")

@@ -99,6 +99,17 @@ class Config:
     submit_wait_s: float = _doc(
         "how long a submission waits for a coordinator before answering 503", default=5.0
     )
+    preview_timeout_s: float = _doc(
+        "how long the coordinator waits for the targets of a plan to say which of its images "
+        "they hold and how much disk they have free (disk-aware admission, dry runs); a "
+        "target that has not answered by then is admitted unchecked",
+        default=2.0,
+    )
+    plan_parse_timeout_s: float = _doc(
+        "time budget for parsing one plan's text, in a child process so the daemon never "
+        "waits on it; a plan that takes longer is refused as invalid",
+        default=10.0,
+    )
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
     log_format: str = _doc(
         "text (one `ts level logger key=value...` line per record) or json (one object per line)",
@@ -149,7 +160,10 @@ class Config:
     )
     peer_request_timeout_s: float = _doc("HTTP peer request timeout", default=5.0)
     keep_present_interval_s: float = _doc(
-        "how often a node checks it holds the images of keep_present plans", default=60.0
+        "how often a node checks it holds the images of keep_present plans (besides at once "
+        "on events: its start, its labels changing, a keep_present plan reaching it, a member "
+        "coming back)",
+        default=60.0,
     )
     node_return_timeout_s: float = _doc(
         "items of a dead or unreachable target fail with 'node unavailable' after this long",

@@ -104,17 +104,23 @@ def ensure_keys(config: Config) -> tuple[NodeIdentity, Keyring]:
 
 
 def make_engine(docker_host: str) -> Engine:
-    """The Docker engine, or with `fake://?pull_s=S&size=B` the in-memory fake (tests and
-    benchmarks of the coordination layer: every pull takes S seconds, any image exists)."""
+    """The Docker engine, or with `fake://?pull_s=S&size=B&disk=F` the in-memory fake (tests
+    and benchmarks of the coordination layer: every pull takes S seconds, any image exists,
+    F bytes of disk are free)."""
     if not docker_host.startswith("fake://"):
         return DockerEngine(docker_host)
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(docker_host).query)
     try:
         pull_s = float(query.get("pull_s", ["0.5"])[0])
         size = int(query.get("size", [str(10 << 20)])[0])
+        disk = int(query.get("disk", [str(100 << 30)])[0])
     except ValueError:
-        raise ConfigError("docker_host", "fake:// takes pull_s=SECONDS and size=BYTES") from None
-    return FakeEngine(pull_duration_s=pull_s, any_image_size=size, progress_steps=8)
+        raise ConfigError(
+            "docker_host", "fake:// takes pull_s=SECONDS, size=BYTES and disk=FREE_BYTES"
+        ) from None
+    return FakeEngine(
+        pull_duration_s=pull_s, any_image_size=size, progress_steps=8, free_disk_bytes=disk
+    )
 
 
 class CountingEngine:
@@ -185,6 +191,9 @@ class LocalPuller:
     async def has_image(self, ref: str) -> str | None:
         return await self._engine.has_image(ref)
 
+    async def free_disk_bytes(self) -> int | None:
+        return (await self._engine.info()).free_disk_bytes
+
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _REPORT_STATES = {"pulling": ItemState.PULLING, "done": ItemState.DONE, "failed": ItemState.FAILED}
@@ -200,6 +209,9 @@ def report_result(report: ItemReport) -> ItemResult:
         digest=digest,
         bytes_done=max(0, report.bytes_done),
         bytes_total=max(0, report.bytes_total),
+        bytes_registry=max(0, report.bytes_registry),
+        bytes_peers=max(0, report.bytes_peers),
+        bytes_cache=max(0, report.bytes_cache),
         reason=report.reason[:MAX_SHORT_TEXT_CHARS],
         detail=report.detail[:MAX_TEXT_CHARS],
         started_at=report.started_at,
@@ -437,7 +449,7 @@ class Daemon:
         self._shutdown_done = True
         if self._runner is not None:
             await self._runner.cleanup()
-        for closer in ("discovery", "blobs", "transport", "engine", "registry"):
+        for closer in ("discovery", "blobs", "service", "transport", "engine", "registry"):
             part = getattr(self, closer, None)
             if part is not None:
                 with contextlib.suppress(Exception):
@@ -531,14 +543,14 @@ class Daemon:
         )
         self.metrics.watch("houndd_items", "plan items by state", ("state",), items)
         self.metrics.watch(
-            "houndd_peer_messages_sent",
+            "houndd_peer_sent_messages",
             "peer messages sent (datagrams, requests, replies), by type",
             ("type",),
             lambda: {(k,): float(v) for k, v in self.bus.sent.items()},
             counter=True,
         )
         self.metrics.watch(
-            "houndd_peer_bytes_sent",
+            "houndd_peer_sent_bytes",
             "sealed bytes of the peer messages sent, by type",
             ("type",),
             lambda: {(k,): float(v) for k, v in self.bus.sent_bytes.items()},
@@ -712,6 +724,9 @@ class Daemon:
         accepted = await self.service.submit(body, content_type)
         self.metrics.plans_submitted.inc()
         return schema.encode(accepted)
+
+    async def preview_plan(self, body: bytes, content_type: str) -> dict[str, Any]:
+        return schema.encode(await self.service.preview(body, content_type))
 
     async def plans(self) -> list[dict[str, Any]]:
         return await self.service.plans()

@@ -212,11 +212,21 @@ def item_error(it: Mapping[str, Any]) -> str:
     return ": ".join(str(x) for x in (it.get("reason"), it.get("detail")) if x)
 
 
+_SOURCES = (("bytes_registry", "registry"), ("bytes_peers", "peers"), ("bytes_cache", "cache"))
+
+
+def sources_text(it: Mapping[str, Any]) -> str:
+    """Where an item's bytes came from: `peers 5.7 MiB, registry 1.0 MiB`; `-` for none."""
+    parts = [f"{label} {size(it[key])}" for key, label in _SOURCES if it.get(key)]
+    return ", ".join(parts) or "-"
+
+
 def plan_lines(
     plan: Mapping[str, Any], term: Term, *, wide: bool = False, no_headers: bool = False
 ) -> list[str]:
-    """`houndd plan ID` and the report after `--wait`: one row per node x image."""
-    headers = ["node", "image", "state", "size", "attempts", "time", "error"]
+    """`houndd plan ID` and the report after `--wait`: one row per node x image, with where
+    its bytes came from (the registry, peers, this node's blob cache)."""
+    headers = ["node", "image", "state", "size", "from", "attempts", "time", "error"]
     if wide:
         headers.insert(3, "digest")
     rows = []
@@ -231,6 +241,7 @@ def plan_lines(
             str(it.get("image")),
             (shown, state),
             size(total) if total else "-",
+            sources_text(it),
             str(it.get("attempt", 0)),
             took,
             item_error(it) or "",
@@ -269,12 +280,67 @@ def submit_notes(
 
 
 def submit_problems(accepted: Mapping[str, Any]) -> bool:
-    """True if the plan was accepted with something it cannot serve."""
+    """True if the plan was accepted with something it cannot serve (a dry run: would be)."""
     return bool(
         accepted.get("unresolved")
         or accepted.get("unknown_nodes")
         or accepted.get("empty_selectors")
+        or accepted.get("no_space")
+        or any(n.get("no_space") for n in accepted.get("nodes", []))
     )
+
+
+def no_space_notes(accepted: Mapping[str, Any]) -> list[str]:
+    """The images an accepted plan failed at once for lack of disk, one line per node."""
+    return [
+        f"node {node} has no room for {', '.join(images)}: failed as no space "
+        f"(`houndd plan {accepted.get('id', 'ID')}` says how much it lacks)"
+        for node, images in sorted((accepted.get("no_space") or {}).items())
+    ]
+
+
+def preview_lines(
+    preview: Mapping[str, Any], term: Term, *, wide: bool = False, no_headers: bool = False
+) -> list[str]:
+    """`houndd submit --dry-run`: per target, what it lacks, the bytes to transfer, its free
+    disk and whether that suffices."""
+    sizes: Mapping[str, int] = preview.get("sizes") or {}
+    headers = ["node", "lacks", "to transfer", "free disk", "fits"]
+    if wide:
+        headers.insert(2, "holds")
+    rows: list[list[Cell]] = []
+    total = 0
+    for n in preview.get("nodes", []):
+        free = n.get("free_disk_bytes")
+        lacking = ", ".join(f"{i} ({size(sizes.get(i))})" for i in n.get("lacking", []))
+        if not n.get("answered"):
+            fits: Cell = (f"unknown: {n.get('note') or 'no answer'}", "suspect")
+            lacking = f"? (not known; {lacking})" if lacking else "?"
+        elif n.get("no_space"):
+            fits = (f"no: {', '.join(n['no_space'])} would fail as no space", "failed")
+        elif free is None:
+            fits = ("unknown: free disk not known", "suspect")
+        else:
+            fits = ("yes", "done")
+        total += int(n.get("bytes_needed") or 0)
+        row: list[Cell] = [
+            str(n.get("node")),
+            lacking or "-",
+            size(n.get("bytes_needed")),
+            size(free) if free is not None else "-",
+            fits,
+        ]
+        if wide:
+            row.insert(2, ", ".join(n.get("present", [])) or "-")
+        rows.append(row)
+    lines = []
+    if not no_headers:
+        lines.append(
+            f"dry run of {preview.get('action', 'pull')} plan {preview.get('name', '')!r}: "
+            f"{len(rows)} nodes, {size(total)} to transfer "
+            f"(nothing stored, nothing pulled; coordinator {preview.get('coordinator', '?')})"
+        )
+    return lines + table(term, headers, rows, no_headers=no_headers)
 
 
 def keys_lines(op: str, data: Mapping[str, Any], term: Term, *, no_headers: bool) -> list[str]:

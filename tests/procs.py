@@ -56,14 +56,20 @@ def run_houndd(
 
 
 def http(
-    method: str, url: str, token: str | None = None, body: Any = None, timeout: float = 5.0
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = 5.0,
+    *,
+    content_type: str = "application/json",
 ) -> tuple[int, Any]:
     """A tiny synchronous JSON client (tests only; the real client is houndd.client)."""
     data = None
     headers = {}
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = content_type
     if token:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)

@@ -170,6 +170,31 @@ def test_the_report_shows_every_item_with_its_error() -> None:
     assert lines[2].endswith("no space: disk full")
 
 
+def test_the_report_says_where_each_items_bytes_came_from() -> None:
+    items = [
+        _row("n1", "img:a", "done", bytes_total=3 << 20, bytes_registry=3 << 20),
+        _row("n2", "img:a", "done", bytes_total=3 << 20, bytes_peers=2 << 20,
+             bytes_registry=1 << 20),
+        _row("n3", "img:a", "done", bytes_total=3 << 20, bytes_cache=3 << 20),
+        _row("n4", "img:a", "done", skipped=True),
+    ]  # fmt: skip
+    lines = plan_lines(
+        {"id": "p1", "name": "w", "state": "done", "summary": {"total": 4, "done": 4},
+         "items": items},
+        Term(io.StringIO()),
+    )  # fmt: skip
+    header = lines[1].split()
+    column = lines[1].index("FROM")
+    assert header[:5] == ["NODE", "IMAGE", "STATE", "SIZE", "FROM"]
+    sources = {line.split()[0]: line[column:].split("   ")[0] for line in lines[2:]}
+    assert sources == {
+        "n1": "registry 3.0 MiB",
+        "n2": "registry 1.0 MiB, peers 2.0 MiB",
+        "n3": "cache 3.0 MiB",
+        "n4": "-",
+    }
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 @pytest.mark.parametrize(
     ("words", "expected"),

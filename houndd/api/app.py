@@ -58,6 +58,7 @@ class NodeApi(Protocol):
     async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]: ...
     async def keys(self, op: str, key: bytes | None) -> dict[str, Any]: ...
     async def submit_plan(self, body: bytes, content_type: str) -> dict[str, Any]: ...
+    async def preview_plan(self, body: bytes, content_type: str) -> dict[str, Any]: ...
     async def plans(self) -> list[dict[str, Any]]: ...
     async def plan(self, plan_id: str) -> dict[str, Any] | None: ...
     async def cancel_plan(self, plan_id: str) -> dict[str, Any] | None: ...
@@ -267,10 +268,18 @@ async def keys_op(request: web.Request) -> web.Response:
     return _json(await request.app[NODE].keys(op, key))
 
 
+_DRY_RUN = {"true": True, "1": True, "false": False, "0": False}
+
+
 async def plan_submit(request: web.Request) -> web.Response:
+    dry_run = _DRY_RUN.get(request.query.get("dry_run", "false").lower())
+    if dry_run is None:
+        raise ProblemError(400, "invalid request", "dry_run is true or false", field="dry_run")
     body = await request.read()
     if not body.strip():
         raise ProblemError(400, "invalid plan", "empty body", field="body")
+    if dry_run:
+        return _json(await request.app[NODE].preview_plan(body, request.content_type))
     result = await request.app[NODE].submit_plan(body, request.content_type)
     return _json(result, status=201)
 

@@ -138,6 +138,16 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {"security": _AUTH, "responses": {"200": _ok("plans"), **_problems(401)}},
                 "post": {
                     "security": _AUTH,
+                    "parameters": [
+                        {
+                            "name": "dry_run",
+                            "in": "query",
+                            "required": False,
+                            "description": "true: answer what the plan would do on each "
+                            "target (images it lacks, bytes, free disk); store nothing",
+                            "schema": {"type": "string", "enum": ["true", "false"]},
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -146,6 +156,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         },
                     },
                     "responses": {
+                        "200": _ok("dry run: what the plan would do, nothing stored"),
                         "201": _ok("accepted and replicated"),
                         **_problems(400, 401, 413, 503),
                     },

@@ -30,13 +30,16 @@ from houndd.blobs.source import BlobWant, SourceError, Transfers
 from houndd.blobs.tree import Source, choose_sources
 from houndd.errors import PULL_FAILED, REGISTRY_UNREACHABLE, HounddError, PullError, pull_error
 
-__all__ = ["BlobStats", "Fetcher", "Restarted"]
+__all__ = ["BlobStats", "Fetcher", "Restarted", "SourceTally"]
 
 log = logging.getLogger("houndd.blobs")
 
 MAX_PLANS_REMEMBERED = 1000
 """Plans whose avoided peers are remembered; caps memory over the daemon's life."""
 MAX_WARNINGS_REMEMBERED = 10_000
+MAX_ORIGINS_REMEMBERED = 10_000
+"""Downloads whose sources are remembered for a later reader of the same plan (a blob this
+node fetched for a peer before its own dockerd asked for it)."""
 """(peer, blob) pairs already warned about; a peer can make us warn about each only once."""
 REGISTRY_PATIENCE = 10
 """The registry gets this many stall timeouts before it counts as stalled: it is the source
@@ -70,11 +73,34 @@ class BlobStats:
     source_failures: Counter[str] = field(default_factory=Counter)  # by SourceError kind
 
 
+class SourceTally:
+    """Where the blobs of one pull came from, in bytes by source kind (`registry`, `peer`,
+    `cache`). A blob counts once, by how this node got it for the pull's plan: what its
+    download took from each source (also when the download ran for a peer of the same plan,
+    or ahead of the reader), or `cache` when it was in the cache from before (an earlier plan).
+    Two pulls that share one download each count it."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, Counter[str]] = {}
+
+    def record(self, digest: str, by_kind: Counter[str]) -> None:
+        """The first record of a blob stands (a resumed read is the same blob)."""
+        self._blobs.setdefault(digest, by_kind)
+
+    def totals(self) -> Counter[str]:
+        """Bytes by source kind over every blob recorded so far."""
+        out: Counter[str] = Counter()
+        for by_kind in self._blobs.values():
+            out.update(by_kind)
+        return out
+
+
 @dataclass(eq=False)
 class _Download:
     want: BlobWant
     partial: Partial
     plans: set[str]
+    tallies: list[SourceTally] = field(default_factory=list)  # told where the bytes came from
     state: Literal["running", "done", "failed"] = "running"
     verified: bool = False  # every byte is in the partial file and matched the digest
     error: PullError | None = None
@@ -132,6 +158,8 @@ class Fetcher:
         self._downloads: dict[str, _Download] = {}
         self._avoid: OrderedDict[str, set[str]] = OrderedDict()
         self._warned: set[tuple[str, str]] = set()
+        # digest -> (plans it was downloaded for, bytes by source kind), newest last
+        self._origins: OrderedDict[str, tuple[frozenset[str], Counter[str]]] = OrderedDict()
         self._prefetching: set[str] = set()
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_SLOTS)
         self._tg: asyncio.TaskGroup | None = None
@@ -166,17 +194,24 @@ class Fetcher:
         return dl.source if dl is not None else None
 
     def open(
-        self, want: BlobWant, offset: int = 0, *, reader: str = "dockerd"
+        self,
+        want: BlobWant,
+        offset: int = 0,
+        *,
+        reader: str = "dockerd",
+        tally: SourceTally | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """The blob's bytes from `offset`, from the cache or as its download proceeds.
 
         Starts the download if none runs. Raises right away (not when read): PullError "no
         space" if the cache cannot take the blob; SourceError "loop" if the running
         download reads from a node in `want.chain`. While reading: the download's PullError,
-        or `Restarted`.
+        or `Restarted`. `tally` learns where the blob's bytes came from.
         """
         if want.digest in self.cache:
             self.stats.cache_hits += 1
+            if tally is not None:
+                tally.record(want.digest, self._cached_origin(want))
             return self._counted(self.cache.read(want.digest, offset), reader)
         dl = self._downloads.get(want.digest)
         if dl is None:
@@ -189,21 +224,27 @@ class Fetcher:
             if dl.source is not None and dl.source.node_id in want.chain:
                 raise SourceError("loop", f"{want.digest} is being fetched from {dl.source}")
             dl.plans.add(want.ctx.plan_id)
+        self._tell(dl, tally)
         return self._counted(self._read(dl, offset), reader)
 
-    def prefetch(self, want: BlobWant) -> None:
+    def prefetch(self, want: BlobWant, *, tally: SourceTally | None = None) -> None:
         """Fetch a blob nobody reads yet, because a reader will want it soon (the later
         layers of an image dockerd is pulling). Best effort: a failure is left for the
-        reader to meet; at most PREFETCH_SLOTS run at once."""
+        reader to meet; at most PREFETCH_SLOTS run at once. `tally` learns where the bytes
+        came from (a blob already in the cache is counted when its reader comes)."""
         digest = want.digest
-        if self._tg is None or digest in self.cache or digest in self._downloads:
+        if self._tg is None or digest in self.cache:
+            return
+        running = self._downloads.get(digest)
+        if running is not None:
+            self._tell(running, tally)
             return
         if digest in self._prefetching:
             return
         self._prefetching.add(digest)
-        self._tg.create_task(self._prefetch(want))
+        self._tg.create_task(self._prefetch(want, tally))
 
-    async def _prefetch(self, want: BlobWant) -> None:
+    async def _prefetch(self, want: BlobWant, tally: SourceTally | None) -> None:
         try:
             async with self._prefetch_slots:
                 if want.digest in self.cache or want.digest in self._downloads:
@@ -213,10 +254,28 @@ class Fetcher:
                 except PullError as e:  # e.g. no space: the reader will meet it by name
                     log.debug("prefetch skipped digest=%s reason=%s", want.digest, e.reason)
                     return
+                self._tell(dl, tally)
                 while not (dl.verified or dl.failed):
                     await dl.changed.wait()
         finally:
             self._prefetching.discard(want.digest)
+
+    def _cached_origin(self, want: BlobWant) -> Counter[str]:
+        """Where a blob complete in the cache came from, as its reader in `want`'s plan
+        counts it: its download's sources if that ran for the same plan, else `cache`."""
+        origin = self._origins.get(want.digest)
+        if origin is not None and want.ctx.plan_id in origin[0]:
+            return origin[1]
+        return Counter(cache=want.size)
+
+    @staticmethod
+    def _tell(dl: _Download, tally: SourceTally | None) -> None:
+        if tally is None:
+            return
+        if dl.verified:  # the sources are final already
+            tally.record(dl.digest, _by_kind(dl.contributors))
+        elif all(t is not tally for t in dl.tallies):
+            dl.tallies.append(tally)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -375,6 +434,13 @@ class Fetcher:
                 continue
             # Readers may finish now; the fsync and rename into the cache follow.
             dl.verified = True
+            by_kind = _by_kind(dl.contributors)
+            for tally in dl.tallies:
+                tally.record(dl.digest, by_kind)
+            self._origins[dl.digest] = (frozenset(dl.plans), by_kind)
+            self._origins.move_to_end(dl.digest)
+            while len(self._origins) > MAX_ORIGINS_REMEMBERED:
+                self._origins.popitem(last=False)
             dl.notify()
             await dl.partial.commit()
             return
@@ -444,3 +510,10 @@ class Fetcher:
                     dl.digest,
                     ",".join(sorted(dl.plans)),
                 )
+
+
+def _by_kind(contributors: Counter[Source]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for source, n in contributors.items():
+        out["registry" if source.is_registry else "peer"] += n
+    return out

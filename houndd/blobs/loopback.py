@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from houndd.blobs.cache import BlobCache
-from houndd.blobs.fetcher import Fetcher, Restarted
+from houndd.blobs.fetcher import Fetcher, Restarted, SourceTally
 from houndd.blobs.source import BlobContext, BlobWant, SourceError
 from houndd.errors import MANIFEST_UNKNOWN, PULL_FAILED, PullError, pull_error
 from houndd.image.credentials import RegistryAuth
@@ -79,6 +79,7 @@ class LoopbackSession:
     layers: list[tuple[str, int]] = field(default_factory=list)  # in manifest order
     failure: PullError | None = None
     failed: asyncio.Event = field(default_factory=asyncio.Event)
+    tally: SourceTally = field(default_factory=SourceTally)  # where its blobs came from
 
     def fail(self, error: PullError) -> None:
         if self.failure is None:
@@ -292,7 +293,7 @@ class LoopbackRegistry:
         want = BlobWant(session.ctx, digest, size)
         self._prefetch_after(session, digest)
         try:
-            stream = self._fetcher.open(want, offset, reader="dockerd")
+            stream = self._fetcher.open(want, offset, reader="dockerd", tally=session.tally)
         except (PullError, SourceError) as e:
             error = e if isinstance(e, PullError) else pull_error(PULL_FAILED, str(e))
             session.fail(error)
@@ -326,7 +327,7 @@ class LoopbackRegistry:
         if index is None:
             return
         for later, size in session.layers[index + 1 :]:
-            self._fetcher.prefetch(BlobWant(session.ctx, later, size))
+            self._fetcher.prefetch(BlobWant(session.ctx, later, size), tally=session.tally)
 
 
 def _abort(request: web.Request) -> None:

@@ -9,6 +9,9 @@ exactly as a direct `docker pull` of its digest leaves it.
 3. Remove the loopback name, so nothing rewritten stays visible. The executor then tags
    `<repository>:<tag>` as it does for any pull.
 
+Progress carries where the blobs came from (`ByteSources`: registry, peers, this node's cache,
+from the session's `SourceTally`), the last report once every blob is counted.
+
 If the origin cannot be reached in step 2, the item fails with "registry unreachable" like a
 direct pull would (retried by the plan's policy), and the loopback name is removed all the
 same; the blobs stay in houndd's cache, so the retry moves no bytes again. A "done" item
@@ -21,13 +24,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
+from houndd.blobs.fetcher import SourceTally
 from houndd.blobs.loopback import LoopbackRegistry
 from houndd.blobs.source import BlobContext
 from houndd.errors import PullError, pull_error
 from houndd.image.credentials import RegistryAuth
 from houndd.image.reference import ImageRef, InvalidReference, parse_reference
-from houndd.puller.engine import Engine, PullProgress
+from houndd.puller.engine import ByteSources, Engine, PullProgress
 
 __all__ = ["LoopbackRoute"]
 
@@ -78,8 +83,15 @@ class LoopbackRoute:
             self._loopback.close_session(session)
             await self._engine.pull(origin, auth=auth, progress=progress)
             return
+        last = PullProgress(0, 0, 0, 0)
+
+        def relay(p: PullProgress) -> None:
+            nonlocal last
+            last = replace(p, sources=_sources(session.tally))
+            progress(last)
+
         try:
-            await self._through_loopback(local, session.failed, progress)
+            await self._through_loopback(local, session.failed, relay)
         except PullError:
             if session.failure is not None:
                 raise session.failure from None
@@ -94,6 +106,7 @@ class LoopbackRoute:
                     e.reason,
                     f"blobs arrived but {image.registry} did not confirm the manifest: {e.detail}",
                 ) from None
+            progress(replace(last, sources=_sources(session.tally)))  # every blob is counted now
         finally:
             self._loopback.close_session(session)
             with contextlib.suppress(PullError):
@@ -119,3 +132,8 @@ class LoopbackRoute:
 
 def _ignore(_: PullProgress) -> None:
     pass
+
+
+def _sources(tally: SourceTally) -> ByteSources:
+    by_kind = tally.totals()
+    return ByteSources(registry=by_kind["registry"], peers=by_kind["peer"], cache=by_kind["cache"])

@@ -41,7 +41,7 @@ from houndd.coordinator.messages import (
     Send,
 )
 from houndd.coordinator.node import HANDLED_TYPES, NodeCore
-from houndd.coordinator.records import PlanDocument, PlanItem
+from houndd.coordinator.records import PlanDocument, PlanItem, PlanRecord
 from houndd.coordinator.replication import PLAN_GET_RESULTS
 from houndd.coordinator.results import ItemResult
 from houndd.coordinator.sealed import unseal_credentials
@@ -104,6 +104,7 @@ class DispatchRuntime:
         self._changed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._dispatch_sent: dict[tuple[str, str], float] = {}
+        self._plan_listeners: list[Callable[[PlanRecord], None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -181,6 +182,11 @@ class DispatchRuntime:
         (most messages only push timers later: a heartbeat needs no extra round)."""
         if self._core is not None and self._core.next_wakeup() < self._asleep_until:
             self._wake.set()
+
+    def on_plan_stored(self, callback: Callable[[PlanRecord], None]) -> None:
+        """Call `callback(record)` whenever a plan record is stored here (a new plan, from a
+        client or a peer, or its commit)."""
+        self._plan_listeners.append(callback)
 
     async def wait_changed(self, timeout_s: float) -> None:
         """Return when the replica changes next, or after `timeout_s`."""
@@ -275,7 +281,7 @@ class DispatchRuntime:
         for action in actions:
             if isinstance(action, Persist):
                 self.store.apply(action)
-                self._notify_change()
+                self._notify_change(action)
             elif isinstance(action, Send):
                 if isinstance(action.payload, Fenced):
                     self.metrics.fenced.inc()
@@ -304,10 +310,14 @@ class DispatchRuntime:
         await self.apply(actions)
         self.wake()
 
-    def _notify_change(self) -> None:
-        """Wake every event stream: the replica changed."""
+    def _notify_change(self, persisted: Persist) -> None:
+        """Wake every event stream: the replica changed; tell who listens for plans."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        for record in persisted.records:
+            if isinstance(record, PlanRecord):
+                for listener in self._plan_listeners:
+                    listener(record)
 
     async def _request(self, action: Request) -> None:
         sent_key = (getattr(action.payload, "plan_id", ""), action.node_id)

@@ -49,3 +49,7 @@ class LocalExecutor(Protocol):
     async def has_image(self, ref: str) -> str | None:
         """The local digest of `ref` if the image is present."""
         ...
+
+    async def free_disk_bytes(self) -> int | None:
+        """Free space on the engine's disk now (None: unknown, e.g. a remote engine)."""
+        ...

@@ -6,8 +6,9 @@ or a result is the same object in the replica, on the wire and in the store. Eve
 bounded, so a decoded payload is safe to act on.
 
 The forward protocol is typed too: a non-coordinator forwards a client's submission
-(PLAN_FORWARD) and gets either the accepted plan or a `Refusal` whose `kind` the API maps to
-HTTP (invalid plan: 400 naming the field; not the coordinator: retry; replication failed: 503).
+(PLAN_FORWARD) and gets either the accepted plan (or, for a dry run, its `Preview`) or a
+`Refusal` whose `kind` the API maps to HTTP (invalid plan: 400 naming the field; not the
+coordinator: retry; replication failed: 503).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from houndd.wire.types import MsgType
 
 MAX_DIGESTS = MAX_PLANS + MAX_ABORTED
 """Entries of an anti-entropy digest: every plan and tombstone a node may keep."""
+MAX_HOLDINGS_QUERY = 1000
+"""Images in one holdings query (about 150 bytes each: well inside a peer request's cap); a
+node with more images in one plan is asked in several."""
 
 Items = Annotated[tuple[DispatchItem, ...], Size(0, MAX_ITEMS)]
 Images = Annotated[tuple[ImageName, ...], Size(0, MAX_ITEMS)]
@@ -291,11 +295,13 @@ class AbortItems:
 @message(MsgType.PLAN_FORWARD)
 @dataclass(frozen=True, slots=True)
 class PlanForward:
-    """Any node -> coordinator: a client submitted this body to `via`."""
+    """Any node -> coordinator: a client submitted this body to `via`. `dry_run`: answer
+    what the plan would do (a `Preview`), store nothing."""
 
     body: Annotated[bytes, Size(1, MAX_DOCUMENT_BYTES)]
     content_type: ShortText
     via: Name
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +312,40 @@ class Accepted:
     name: Name
     action: Literal["pull", "remove", "prune"]
     groups: Annotated[tuple[Group, ...], Size(0, MAX_ITEMS)]
+    unknown_nodes: Annotated[tuple[Name, ...], Size(0, MAX_ITEMS)]
+    empty_selectors: Annotated[tuple[Selector, ...], Size(0, MAX_ITEMS)]
+    unresolved: Annotated[dict[ImageName, Unresolved], Size(0, MAX_ITEMS)]
+    coordinator: Name
+    # node name -> images refused for lack of disk (they are failed items `no space`)
+    no_space: Annotated[dict[Name, Images], Size(0, MAX_ITEMS)] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NodePreview:
+    """What a plan would do on one target. `answered`: the node said which images it holds
+    (else every image counts as lacking and nothing is checked); `no_space`: the images
+    admission would fail for lack of disk."""
+
+    node: Name
+    answered: bool
+    free_disk_bytes: Counter | None
+    lacking: Images
+    present: Images
+    bytes_needed: Counter
+    no_space: Images
+    note: ShortText = ""  # why it did not answer
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A dry run's answer (the API's 200 body for `POST /v1/plans?dry_run=true`): nothing
+    was stored or pulled."""
+
+    name: Name
+    action: Literal["pull", "remove", "prune"]
+    groups: Annotated[tuple[Group, ...], Size(0, MAX_ITEMS)]
+    sizes: Annotated[dict[ImageName, Counter], Size(0, MAX_ITEMS)]
+    nodes: Annotated[tuple[NodePreview, ...], Size(0, MAX_ITEMS)]
     unknown_nodes: Annotated[tuple[Name, ...], Size(0, MAX_ITEMS)]
     empty_selectors: Annotated[tuple[Selector, ...], Size(0, MAX_ITEMS)]
     unresolved: Annotated[dict[ImageName, Unresolved], Size(0, MAX_ITEMS)]
@@ -328,14 +368,45 @@ class Refusal:
 @message(MsgType.PLAN_FORWARD_REPLY)
 @dataclass(frozen=True, slots=True)
 class PlanForwardReply:
-    """Coordinator -> forwarding node: exactly one of `accepted` and `refusal`."""
+    """Coordinator -> forwarding node: exactly one of `accepted`, `preview` (a dry run) and
+    `refusal`."""
 
     accepted: Accepted | None = None
     refusal: Refusal | None = None
+    preview: Preview | None = None
 
     def __post_init__(self) -> None:
-        if (self.accepted is None) == (self.refusal is None):
-            raise ValueError("a forward reply carries either accepted or refusal")
+        if [self.accepted, self.refusal, self.preview].count(None) != 2:
+            raise ValueError("a forward reply carries one of accepted, preview or refusal")
+
+
+# --- holdings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageAt:
+    """An image at a digest."""
+
+    image: ImageName
+    digest: Digest
+
+
+@message(MsgType.HOLDINGS)
+@dataclass(frozen=True, slots=True)
+class HoldingsQuery:
+    """Coordinator -> target: which of these images do you hold at these digests, and how
+    much disk is free? (dry runs and disk-aware admission)"""
+
+    images: Annotated[tuple[ImageAt, ...], Size(0, MAX_HOLDINGS_QUERY)]
+
+
+@message(MsgType.HOLDINGS_REPLY)
+@dataclass(frozen=True, slots=True)
+class HoldingsReply:
+    """Target -> coordinator: the queried images it holds; its free disk (None: unknown)."""
+
+    held: Annotated[tuple[ImageName, ...], Size(0, MAX_HOLDINGS_QUERY)]
+    free_disk_bytes: Counter | None
 
 
 # --- actions (core -> shell) --------------------------------------------------------------------

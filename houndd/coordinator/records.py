@@ -84,6 +84,16 @@ class Unresolved:
 
 
 @dataclass(frozen=True)
+class NoSpace:
+    """Images a node was refused at admission because its free disk cannot take them (no node
+    pulls them; they are failed items `no space`). Sizes are the registry's (compressed)."""
+
+    images: Annotated[dict[ImageName, Counter], Size(1, MAX_IMAGE_ENTRIES)]
+    needed_bytes: Counter  # every image the node lacked in the plan
+    free_bytes: Counter
+
+
+@dataclass(frozen=True)
 class PlanDocument:
     """The immutable document of an accepted plan.
 
@@ -104,6 +114,10 @@ class PlanDocument:
         default=None, metadata=OMIT_NONE
     )
     via: Via = ""
+    # node id -> what it was refused for lack of disk (disk-aware admission)
+    no_space: Annotated[dict[NodeId, NoSpace], Size(0, MAX_MEMBER_NAMES)] | None = field(
+        default=None, metadata=OMIT_NONE
+    )
     plan: PlanSpec = field(init=False, repr=False, compare=False, metadata=LOCAL)
 
     def __post_init__(self) -> None:

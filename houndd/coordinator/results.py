@@ -18,8 +18,9 @@ Order, most significant first:
    outranks a cancel or a "node unavailable" verdict issued concurrently by a coordinator.
 4. `transient=False` > `transient=True`: a coordinator's final verdict outranks the worker's
    "this attempt failed, may be retried" report of the same attempt.
-5. progress (`bytes_done`), then every remaining field, only so that two different values never
-   tie (a tie between different values would break commutativity).
+5. progress (`bytes_done`, then the bytes by source, which only grow within an attempt), then
+   every remaining field, only so that two different values never tie (a tie between different
+   values would break commutativity).
 """
 
 from __future__ import annotations
@@ -82,14 +83,24 @@ class ItemResult:
     finished_at: Timestamp | None = None
     skipped: bool = False
     transient: bool = False
+    # where the node got the bytes: the registry, peers, its blob cache (blob sharing)
+    bytes_registry: Counter = 0
+    bytes_peers: Counter = 0
+    bytes_cache: Counter = 0
 
     def __post_init__(self) -> None:
         # NaN has no place in a total order; reject it rather than break the lattice.
         for value in (self.started_at, self.finished_at):
             if value is not None and math.isnan(value):
                 raise ValueError("ItemResult timestamps must not be NaN")
-        if self.attempt < 0 or self.bytes_done < 0 or self.bytes_total < 0:
+        counters = (self.attempt, self.bytes_done, self.bytes_total, *self.bytes_by_source)
+        if min(counters) < 0:
             raise ValueError("ItemResult counters must be >= 0")
+
+    @property
+    def bytes_by_source(self) -> tuple[int, int, int]:
+        """(registry, peers, cache) bytes."""
+        return self.bytes_registry, self.bytes_peers, self.bytes_cache
 
     @property
     def is_final(self) -> bool:
@@ -108,6 +119,7 @@ class ItemResult:
             not self.transient,
             self.bytes_done,
             self.bytes_total,
+            self.bytes_by_source,
             _opt(self.finished_at),
             _opt(self.started_at),
             self.skipped,

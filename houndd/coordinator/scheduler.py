@@ -677,11 +677,10 @@ class Scheduler:
         node = cast(_Node, ref)
         if kind == _NODE_RETRY:
             return not node.dead and node.retry_at == at and bool(node.queue)
-        return (
-            node.away_since is not None
-            and node.away_since + self._node_down_timeout_s == at
-            and bool(node.queue)
-        )
+        # Valid for as long as this absence lasts, whatever the node's queue holds right now:
+        # a re-dispatch in flight empties the queue for a moment, and `next_wakeup` drops
+        # invalid timers for good, so a queue check here lost the verdict for ever.
+        return node.away_since is not None and node.away_since + self._node_down_timeout_s == at
 
     def _refresh(self, node: _Node) -> None:
         """Keep `_idle` exact: the nodes a free parallelism slot may go to (an unreachable
@@ -715,8 +714,12 @@ class Scheduler:
         self._refresh(node)
 
     def _give_up(self, node: _Node, out: list[Action]) -> None:
-        log.warning("node unavailable, failing its items node=%s", node.name)
-        for item in node.clear():
+        items = node.clear()
+        if items:
+            log.warning(
+                "node unavailable, failing its items node=%s items=%d", node.name, len(items)
+            )
+        for item in items:
             self._finish(item, "failed", NODE_UNAVAILABLE, out)
         self._refresh(node)
 

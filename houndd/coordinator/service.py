@@ -19,7 +19,7 @@ from houndd.config import Config
 from houndd.coordinator.dispatch import Clocks, DispatchRuntime
 from houndd.coordinator.keep_present import KeepPresent
 from houndd.coordinator.local import LocalExecutor
-from houndd.coordinator.messages import Accepted
+from houndd.coordinator.messages import Accepted, Preview
 from houndd.coordinator.results import ItemResult
 from houndd.coordinator.store import Store
 from houndd.coordinator.submission import Resolver, Submission
@@ -81,6 +81,10 @@ class CoordinatorService:
         """Run the core until cancelled."""
         await self.runtime.run()
 
+    async def close(self) -> None:
+        """Stop what runs outside the task group (the plan parser's child process)."""
+        await self.submission.close()
+
     def discovery_round_done(self) -> None:
         """Discovery ran once: the election's join window starts now."""
         self.runtime.discovery_round_done()
@@ -92,6 +96,10 @@ class CoordinatorService:
     async def submit(self, body: bytes, content_type: str) -> Accepted:
         """A client's plan, submitted to this node."""
         return await self.submission.submit(body, content_type)
+
+    async def preview(self, body: bytes, content_type: str) -> Preview:
+        """A dry run of a client's plan: what it would do; nothing stored or pulled."""
+        return await self.submission.preview(body, content_type)
 
     async def cancel(self, plan_id: str) -> dict[str, Any]:
         """Cancel a running plan; returns the cancelled plan's view. A finished one raises

@@ -30,7 +30,7 @@ from houndd.coordinator.dispatch import DispatchRuntime
 from houndd.coordinator.messages import PlanList, PlanListReply, PlanSummary
 from houndd.coordinator.records import PlanRecord
 from houndd.coordinator.results import ItemResult, ItemState
-from houndd.errors import HounddError
+from houndd.errors import NO_SPACE, HounddError
 from houndd.membership.bus import Message
 from houndd.membership.member import MemberState
 from houndd.membership.service import Membership
@@ -238,10 +238,12 @@ class PlanViews:
                     "node": self._name(it.node_id, doc.names),
                     "node_id": it.node_id,
                     "image": it.image,
-                    "digest": it.digest or res.digest,
                     "size_bytes": it.size_bytes,
                     "final": res.is_final or (cancelled and res.state is not ItemState.PULLING),
                     **res.to_dict(),
+                    # the plan's resolved digest: a coordinator's verdict (retries exhausted,
+                    # node unavailable) carries none, and must not blank it
+                    "digest": it.digest or res.digest,
                     "node_state": state.value if state is not None else "unknown",
                 }
                 if cancelled and res.state is ItemState.PENDING:
@@ -254,6 +256,30 @@ class PlanViews:
                 left = member.last_heard + timeout_s - time.time()
                 row = {**row, "unavailable_in_s": round(max(0.0, left), 1)}
             rows.append(row)
+        digests = {g.image: g.digest for g in doc.groups}
+        for node_id, refused in (doc.no_space or {}).items():
+            detail = (
+                f"the node lacks {_mib(refused.needed_bytes)} of this plan's images "
+                f"and has {_mib(refused.free_bytes)} free"
+            )
+            rows.extend(
+                {
+                    "node": self._name(node_id, doc.names),
+                    "node_id": node_id,
+                    "image": image,
+                    "digest": digests.get(image, ""),
+                    "size_bytes": size,
+                    "state": "failed",
+                    "attempt": 0,
+                    "reason": NO_SPACE,
+                    "detail": detail,
+                    "final": True,
+                    "bytes_done": 0,
+                    "bytes_total": 0,
+                    "node_state": self._node_state_of(node_id),
+                }
+                for image, size in refused.images.items()
+            )
         for image, failure in doc.unresolved.items():
             for group in doc.groups:
                 if group.image != image:
@@ -276,6 +302,10 @@ class PlanViews:
                 )
         return rows
 
+    def _node_state_of(self, node_id: str) -> str:
+        member = self._membership.get(node_id)
+        return member.state.value if member is not None else "unknown"
+
     def _node_state(self, name: str) -> str:
         member = self._membership.by_name(name)
         return member.state.value if member is not None else "unknown"
@@ -295,6 +325,9 @@ class PlanViews:
             summary["total"] += 1
             summary[state] += 1
             all_final = all_final and final
+        for refused in (rec.document.no_space or {}).values():
+            summary["total"] += len(refused.images)
+            summary["failed"] += len(refused.images)
         for image in rec.document.unresolved:
             for group in rec.document.groups:
                 if group.image == image:
@@ -472,3 +505,7 @@ class PlanStream:
                 self._subs.discard(sub)
             elif self._final is not None:
                 sub.end()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -181,10 +181,13 @@ class Membership:
 
     def update_local(self, **fields: Any) -> None:
         """Change this node's metadata (labels, docker_version, free_disk_bytes, kernel, os);
-        bumps its incarnation and gossips it. ValueError if peers would refuse the result."""
+        bumps its incarnation and gossips it. ValueError if peers would refuse the result.
+        Subscribers hear of it as of a peer's metadata change (old state == new state)."""
         check_member(self._table.local.replace(**fields))
         self._handle(UpdateLocal(fields))
         self._wake.set()
+        local = self._table.local
+        self._notify(StateChanged(local, local.state, local.state))
 
     # --- internals ---
 

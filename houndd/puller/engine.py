@@ -13,7 +13,7 @@ from typing import Protocol
 from houndd.image.credentials import RegistryAuth
 from houndd.image.trust import RegistryTrust
 
-__all__ = ["Engine", "EngineInfo", "PruneReport", "PullProgress"]
+__all__ = ["ByteSources", "Engine", "EngineInfo", "PruneReport", "PullProgress"]
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,29 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class ByteSources:
+    """Where the bytes of one pull came from: the registry, peers (blob sharing), or this
+    node's blob cache. Each blob counts once, by where this node got it."""
+
+    registry: int = 0
+    peers: int = 0
+    cache: int = 0
+
+
+@dataclass(frozen=True)
 class PullProgress:
     """Progress of one image pull, aggregated over its layers.
 
     `bytes_total` grows as the engine learns layer sizes; it is 0 until the first is known.
+    `sources` says where the bytes came from when a `PullRoute` carried them; None for a
+    direct engine pull, whose every byte came from the registry.
     """
 
     bytes_done: int
     bytes_total: int
     layers_done: int
     layers_total: int
+    sources: ByteSources | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 from houndd.errors import CANCELLED, PULL_FAILED, PullError, PullTimeout
 from houndd.image.credentials import RegistryAuth
 from houndd.image.reference import ImageRef, InvalidReference, parse_reference
-from houndd.puller.engine import Engine, PullProgress
+from houndd.puller.engine import ByteSources, Engine, PullProgress
 
 __all__ = ["Executor", "ItemReport", "ItemState", "Op", "PullPolicy", "PullRoute", "WorkItem"]
 
@@ -88,6 +88,10 @@ class ItemReport:
     state: ItemState
     bytes_done: int = 0
     bytes_total: int = 0
+    # where the bytes came from (see `ByteSources`); all zero for a skipped item
+    bytes_registry: int = 0
+    bytes_peers: int = 0
+    bytes_cache: int = 0
     reason: str = ""
     detail: str = ""
     transient: bool = False
@@ -108,6 +112,7 @@ class _Job:
     aborted: bool = False
     bytes_done: int = 0
     bytes_total: int = 0
+    sources: ByteSources | None = None  # None: a direct engine pull (all from the registry)
     started_at: float | None = None
     last_emit: float = float("-inf")
     report: ItemReport | None = None
@@ -387,6 +392,8 @@ class Executor:
     def _on_progress(self, job: _Job, progress: PullProgress) -> None:
         job.bytes_done = progress.bytes_done
         job.bytes_total = progress.bytes_total
+        if progress.sources is not None:
+            job.sources = progress.sources
         self._emit_progress(job, force=False)
 
     def _emit_progress(self, job: _Job, *, force: bool) -> None:
@@ -401,6 +408,7 @@ class Executor:
             job.state = "done"
             if skipped:
                 job.bytes_done = job.bytes_total = 0
+                job.sources = ByteSources()
             elif job.item.op == "pull":
                 job.bytes_done = job.bytes_total = max(job.bytes_done, job.bytes_total)
             report = replace(self._report(job, "done"), skipped=skipped)
@@ -433,6 +441,10 @@ class Executor:
 
     def _report(self, job: _Job, state: ItemState) -> ItemReport:
         item = job.item
+        sources = job.sources
+        if sources is None:
+            # a direct engine pull: whatever it downloaded came from the registry
+            sources = ByteSources(registry=job.bytes_done if item.op == "pull" else 0)
         return ItemReport(
             plan_id=job.plan_id,
             node_id=self._node_id,
@@ -442,6 +454,9 @@ class Executor:
             state=state,
             bytes_done=job.bytes_done,
             bytes_total=job.bytes_total,
+            bytes_registry=sources.registry,
+            bytes_peers=sources.peers,
+            bytes_cache=sources.cache,
             started_at=job.started_at,
             op=item.op,
         )

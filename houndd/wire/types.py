@@ -49,11 +49,13 @@ class MsgType(IntEnum):
     ABORT = 33
     RECEIPT = 34  # the answer to a request that has nothing to say back
     BLOB_GET = 35  # a peer asks for a blob (POST /v1/peer/blob); the answer is a frame stream
-    PLAN_GET = 36  # a node that does not hold a plan asks a holder for it (to serve a reader)
-    PLAN_GET_REPLY = 37
-    PLAN_LIST = 38  # a node asks the coordinator for its plan list (to serve a reader)
-    PLAN_LIST_REPLY = 39
-    CERT_NEEDED = 40  # a datagram named a signing certificate the receiver does not hold
+    HOLDINGS = 36  # coordinator -> target: which of these images do you hold, how much disk?
+    HOLDINGS_REPLY = 37
+    PLAN_GET = 38  # a node that does not hold a plan asks a holder for it (to serve a reader)
+    PLAN_GET_REPLY = 39
+    PLAN_LIST = 40  # a node asks the coordinator for its plan list (to serve a reader)
+    PLAN_LIST_REPLY = 41
+    CERT_NEEDED = 42  # a datagram named a signing certificate the receiver does not hold
 
 
 RETIRED_NUMBERS = frozenset({5, 6, 7, 20})

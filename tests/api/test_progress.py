@@ -214,3 +214,31 @@ def test_metrics_after_the_plan(
     sums = [sample(m, "houndd_dispatch_latency_seconds_sum") for m in scrapes.values()]
     assert sum(counts) >= 1, counts
     assert 0 <= sum(sums) / sum(counts) < 2.0, (sums, counts)
+
+
+def test_a_failed_item_keeps_the_plans_resolved_digest(warm: Warm, registry: Registry) -> None:
+    ref = f"{registry.address}/api-progress-fails:1"
+    pushed = push_image_detailed(registry.url, "api-progress-fails", "1", 100_000, seed=73)
+    for engine in (warm.node.engine, warm.other.engine):
+        engine.add_registry_image(ref, pushed.size_bytes, digest=pushed.digest)
+        # transient: the worker's report keeps the digest, the coordinator's final verdict
+        # ("retries exhausted") carries none of its own
+        engine.fail(
+            f"{registry.address}/api-progress-fails@{pushed.digest}", "registry unreachable"
+        )
+    try:
+        submitted = warm.node.submit(
+            {
+                "name": "api-progress-fails",
+                "targets": [{"images": [ref], "all": True}],
+                "policy": {"retries": 0},
+            }
+        )
+        final = warm.node.wait_plan(submitted["id"], timeout=30)
+    finally:
+        for engine in (warm.node.engine, warm.other.engine):
+            engine.clear_failures()
+    assert final["state"] == "failed", final
+    for item in final["items"]:
+        assert item["state"] == "failed" and item["reason"].startswith("retries exhausted"), item
+        assert item["digest"] == pushed.digest, item

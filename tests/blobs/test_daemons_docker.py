@@ -1,6 +1,8 @@
 """Blob sharing between real `houndd run` processes, each with its own dockerd, pulling from
 a real docker-registry: the registry sends each blob once, every node ends with the image
-exactly as a direct pull leaves it, and a peer stalled mid-transfer costs no item.
+exactly as a direct pull leaves it, and a peer stalled mid-transfer costs no item. Each item
+says where its bytes came from (registry, peers, cache), and a dry run asks each dockerd which
+images it holds.
 
 What the registry sent is read from its access log (bytes written per blob response).
 """
@@ -21,9 +23,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from houndd.blobs.tree import rank
+from houndd.client import Client
 from tests.fixtures.images import PushedImage, push_image_detailed
 from tests.fixtures.services import Dockerd, Registry, start_dockerd
-from tests.procs import LocalCluster, http
+from tests.procs import LocalCluster, http, run_houndd
 
 pytestmark = [pytest.mark.docker, pytest.mark.processes]
 
@@ -151,6 +154,18 @@ def test_the_registry_sends_each_blob_once_and_images_match_a_direct_pull(
     peer_bytes = sum(p2p.metric(n, 'houndd_blob_fetched_bytes_total{source="peer"}') for n in NAMES)
     assert peer_bytes >= 2 * unique, (peer_bytes, sent, unique)
 
+    # per item: where its bytes came from, adding up to the node-wide counters
+    sizes = {ref: i.size_bytes for ref, i in zip(refs, images, strict=True)}
+    for item in plan["items"]:
+        by_source = (item["bytes_registry"], item["bytes_peers"], item["bytes_cache"])
+        assert sum(by_source) == sizes[item["image"]] and by_source[2] == 0, item
+    from_registry = sum(item["bytes_registry"] for item in plan["items"])
+    registry_bytes = sum(
+        p2p.metric(n, 'houndd_blob_fetched_bytes_total{source="registry"}') for n in NAMES
+    )
+    assert from_registry == registry_bytes <= sent["houndd"], (from_registry, sent)
+    assert sum(item["bytes_peers"] for item in plan["items"]) == peer_bytes
+
     for ref, image in zip(refs, images, strict=True):
         states = {n: p2p.image(n, ref) for n in NAMES}
         assert len(set(states.values())) == 1, states
@@ -166,6 +181,63 @@ def test_the_registry_sends_each_blob_once_and_images_match_a_direct_pull(
     for ref in refs:
         direct.docker("pull", ref)
         assert p2p.image("p3", ref) == p2p.image("p1", ref)
+
+
+def test_a_pull_of_blobs_in_the_nodes_cache_reports_them_from_cache(p2p: P2PCluster) -> None:
+    image = _push(p2p.registry, "p2p/cached", 2 * MB, 731, 2)
+    ref = f"{p2p.registry.address}/{image.repository}:v1"
+    first = p2p.submit({"name": "warm", "targets": [{"images": [ref], "nodes": ["p2"]}]})
+    assert p2p.wait_final(first)["state"] == "done"
+    p2p.dockerds["p2"].docker("image", "rm", "-f", p2p.image("p2", ref)[0])
+
+    mark = p2p.log_mark()
+    plan_id = p2p.submit({"name": "again", "targets": [{"images": [ref], "nodes": ["p2"]}]})
+    node = p2p.procs.nodes["p1"]
+    items = []
+    with Client(node.api, node.token) as client:
+        for event in client.events(plan_id):
+            if event is not None and event.get("event") == "item":
+                items.append(event["item"])
+            if event is not None and event.get("event") == "final":
+                break
+    (item,) = p2p.plan(plan_id)["items"]
+    assert item["state"] == "done" and not item["skipped"], item
+    assert (item["bytes_registry"], item["bytes_peers"], item["bytes_cache"]) == (
+        0, 0, image.size_bytes
+    )  # fmt: skip
+    assert p2p.blob_bytes_sent(mark) == {"houndd": 0, "dockerd": 0}
+    # the event stream carries them too, and `houndd plan ID` shows them
+    assert items and items[-1]["bytes_cache"] == image.size_bytes, items
+    shown = run_houndd("plan", plan_id, "--api", node.api, "--token", node.token)
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()[1:3]
+    assert row[header.index("FROM") :].startswith("cache 1.9 MiB"), shown.stdout
+
+
+def test_a_dry_run_asks_each_dockerd_what_it_holds(p2p: P2PCluster) -> None:
+    held = _push(p2p.registry, "p2p/dry-held", 1 * MB, 741, 1)
+    new = _push(p2p.registry, "p2p/dry-new", 1 * MB, 742, 2)
+    held_ref, new_ref = (f"{p2p.registry.address}/{i.repository}:v1" for i in (held, new))
+    first = p2p.submit({"name": "dry-held", "targets": [{"images": [held_ref], "nodes": ["p1"]}]})
+    assert p2p.wait_final(first)["state"] == "done"
+
+    mark = p2p.log_mark()
+    node = p2p.procs.nodes["p2"]
+    plan = {"name": "dry", "targets": [{"images": [held_ref, new_ref], "all": True}]}
+    status, preview = http("POST", node.api + "/v1/plans?dry_run=true", node.token, plan, 30)
+    assert status == 200, preview
+    nodes = {n["node"]: n for n in preview["nodes"]}
+    assert set(nodes) == set(NAMES)
+    assert (nodes["p1"]["present"], nodes["p1"]["lacking"]) == ([held_ref], [new_ref])
+    assert nodes["p1"]["bytes_needed"] == new.size_bytes
+    for name in ("p2", "p3"):
+        assert nodes[name]["lacking"] == [held_ref, new_ref], nodes[name]
+        assert nodes[name]["bytes_needed"] == held.size_bytes + new.size_bytes
+    for n in nodes.values():
+        # each dockerd's disk is this machine's: far more than a few MB free
+        assert n["answered"] and n["free_disk_bytes"] > 100 * MB and n["no_space"] == [], n
+    assert p2p.blob_bytes_sent(mark) == {"houndd": 0, "dockerd": 0}  # nothing pulled
+    assert all(p["name"] != "dry" for p in p2p.procs.nodes["p1"].get("/v1/plans")[1]["plans"])
 
 
 def test_a_peer_stalled_mid_transfer_costs_no_item(p2p: P2PCluster) -> None:
@@ -222,6 +294,9 @@ def test_p2p_off_leaves_pulls_to_dockerd(
         assert p2p.wait_final(plan_id)["state"] == "done"
         sent = p2p.blob_bytes_sent(mark)
         assert sent == {"houndd": 0, "dockerd": image.size_bytes}
+        item = p2p.items(plan_id)["off"]  # dockerd's own count: its layers, all from the registry
+        assert 0 < item["bytes_registry"] <= image.size_bytes, item
+        assert item["bytes_peers"] == item["bytes_cache"] == 0, item
         status, _ = http("POST", node.api + "/v1/peer/blob", None, b"x")
         assert status == 404  # no blob endpoint when sharing is off
     finally:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from houndd.blobs.cache import Partial
-from houndd.blobs.fetcher import Restarted
+from houndd.blobs.fetcher import Restarted, SourceTally
 from houndd.blobs.memory import digest_of
 from houndd.blobs.source import SourceError
 from houndd.blobs.tree import REGISTRY, Source, rank
@@ -75,6 +75,44 @@ async def test_a_peer_dying_mid_blob_resumes_elsewhere_from_the_same_offset(
         assert asked == [(parent, 0), (parent, 70_000), (grand, 70_000)]
         assert r.transfers.sent[""] == 0
         assert r.fetcher.stats.source_failures["unreachable"] == 2
+
+
+async def test_a_tally_counts_each_blob_once_by_where_this_node_got_it(rig: RigFactory) -> None:
+    async with rig(fanout=1) as r:
+        data, other, third = os.urandom(SIZE), os.urandom(SIZE), os.urandom(SIZE // 2)
+        digest, d_other, d_third = (r.transfers.publish(x) for x in (data, other, third))
+        nodes = peers_where(digest, me_rank=2)
+        parent = rank(digest, nodes)[1]
+        r.transfers.fault(parent, "die", after_bytes=70_000)  # the rest from the grandparent
+        tally = SourceTally()
+        want = r.want(digest, SIZE, nodes)
+        got = b"".join([c async for c in r.fetcher.open(want, tally=tally)])
+        assert got == data
+        assert tally.totals() == {"peer": SIZE}
+        # read again (dockerd resuming a layer): the blob is not counted twice
+        await eventually(lambda: digest in r.cache)
+        assert b"".join([c async for c in r.fetcher.open(want, 5, tally=tally)]) == data[5:]
+        assert tally.totals() == {"peer": SIZE}
+
+        # a blob fetched ahead of its reader counts where the prefetch got it, not as cache
+        r.fetcher.prefetch(r.want(d_other, SIZE), tally=tally)
+        await eventually(lambda: d_other in r.cache)
+        assert await r.read(r.want(d_other, SIZE)) == other
+        assert tally.totals() == {"peer": SIZE, "registry": SIZE}
+
+        # a pull of the same plan that finds them in the cache counts where they came from
+        # (this node fetched them for the plan: for a peer, or for another image's pull)
+        same_plan = SourceTally()
+        for d, n in ((digest, SIZE), (d_other, SIZE)):
+            b"".join([c async for c in r.fetcher.open(r.want(d, n, nodes), tally=same_plan)])
+        assert same_plan.totals() == {"peer": SIZE, "registry": SIZE}
+
+        # a later plan finds both in the cache, and a third blob comes from the registry
+        later = SourceTally()
+        for d, n in ((digest, SIZE), (d_other, SIZE), (d_third, SIZE // 2)):
+            want = r.want(d, n, plan="plan-2")
+            b"".join([c async for c in r.fetcher.open(want, tally=later)])
+        assert later.totals() == {"cache": 2 * SIZE, "registry": SIZE // 2}
 
 
 async def test_a_stalled_peer_is_abandoned_after_the_stall_timeout(rig: RigFactory) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from houndd.coordinator.plan import (
     MAX_IMAGE_ENTRIES,
+    MAX_NODE_ENTRIES,
     PLAN_JSON_SCHEMA,
     Policy,
     Resolution,
@@ -789,6 +790,30 @@ def test_resolve_reports_unknown_nodes_and_empty_selectors() -> None:
     assert res.requests == {"node-1": ["a:latest", "b:latest"], "node-2": ["y:latest"]}
     assert res.unknown_nodes == ["ghost", "node-9"]
     assert res.empty_selectors == [{"zone": "mars"}]
+
+
+def test_resolve_refuses_more_items_than_the_bound_before_expanding_them() -> None:
+    images = [f"i{i}" for i in range(500)]
+    spec = parse_plan({"name": "wide", "targets": [{"images": images, "all": True}]})
+    assert len(resolve_targets(spec, MEMBERS, max_items=2000).requests) == 4
+    with pytest.raises(PlanError) as info:
+        resolve_targets(spec, MEMBERS, max_items=1999)
+    assert info.value.field == "targets"
+    assert "more than 1999 node x image items" in info.value.reason
+
+
+def test_node_names_aliased_into_many_targets_are_refused_past_the_bound() -> None:
+    names = ", ".join(f"n{i}" for i in range(1000))
+    text = "name: fan\ntargets:\n" + "".join(
+        f"  - {{images: [i{i}], nodes: *n}}\n"
+        if i
+        else f"  - {{images: [i0], nodes: &n [{names}]}}\n"
+        for i in range(MAX_NODE_ENTRIES // 1000 + 1)
+    )
+    with pytest.raises(PlanError) as info:
+        parse_plan(text)
+    assert info.value.field == f"targets[{MAX_NODE_ENTRIES // 1000}].nodes"
+    assert f"more than {MAX_NODE_ENTRIES} nodes" in info.value.reason
 
 
 def test_resolve_with_no_members() -> None:

@@ -749,3 +749,21 @@ def test_next_wakeup_skips_due_retries_blocked_by_the_caps() -> None:
     assert s.next_wakeup() == 101.0  # y's deadline, not the past retry time
     acts = s.on_result("a", "y", 1, True, "", False, retry_at + 2.0)
     assert acts[-1] == Dispatch("a", (DispatchItem("x", "", 2, 100.0),))
+
+
+def test_the_away_countdown_survives_a_wakeup_while_a_redispatch_is_out() -> None:
+    """Found by the fault suite: the shell asked `next_wakeup` while a re-dispatch was in
+    flight (the node's queue empty for that moment) and the away countdown was the earliest
+    timer; it was dropped as invalid, and the node, declared dead a moment later, kept its
+    items pending for ever."""
+    s = sched([("a", "x", "", 1)], node_down_timeout_s=6.0, redispatch_base_s=5.0, seed=3)
+    s.start(0.0)
+    undelivered(s, "a", 0.0)
+    at = s.next_wakeup()
+    assert at is not None and at < 6.0
+    assert images_of(s.on_tick(at)) == {"a": ["x"]}  # the re-dispatch is out ...
+    assert s.next_wakeup() == 6.0  # ... and the countdown is the earliest timer left
+    assert undelivered(s, "a", at + 0.01) == []  # refused again; SWIM then says dead
+    assert s.on_node_down("a", at + 0.5) == []
+    verdict = finals(s.on_tick(6.0))
+    assert verdict == [Final("a", "x", "failed", NODE_UNAVAILABLE)]

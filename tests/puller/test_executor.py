@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from houndd.image.credentials import RegistryAuth
+from houndd.image.reference import ImageRef
+from houndd.puller.engine import ByteSources, PullProgress
 from houndd.puller.executor import Executor, ItemReport, WorkItem
 from houndd.puller.memory import FakeEngine
 from tests.puller.waiting import eventually
@@ -96,6 +98,8 @@ async def test_pull_by_digest_then_tag_and_report_lifecycle(h: Harness) -> None:
     assert states[0] == "pulling" and states[-1] == "done"
     done = h.reports[-1]
     assert (done.bytes_done, done.bytes_total, done.skipped) == (10_000, 10_000, False)
+    # a direct engine pull: every byte came from the registry
+    assert (done.bytes_registry, done.bytes_peers, done.bytes_cache) == (10_000, 0, 0)
     assert done.node_id == "node-1" and done.digest == digest and done.attempt == 1
     assert done.started_at is not None and done.finished_at is not None
     assert done.finished_at >= done.started_at
@@ -111,6 +115,7 @@ async def test_if_not_present_skips_present_image(h: Harness) -> None:
     assert h.engine.pulls == []
     done = h.final("p1", image)[-1]
     assert (done.state, done.skipped, done.bytes_done) == ("done", True, 0)
+    assert (done.bytes_registry, done.bytes_peers, done.bytes_cache) == (0, 0, 0)
     assert await h.engine.has_image(image) == digest  # tagged even though not pulled
 
 
@@ -365,3 +370,40 @@ async def test_submit_before_run_starts_when_run_starts() -> None:
     assert executor.reports("p")[-1].state == "done"
     executor.forget("p")
     assert executor.reports("p") == []
+
+
+class SourcedRoute:
+    """A `PullRoute` whose bytes came from several sources (as blob sharing reports them)."""
+
+    def __init__(self, engine: FakeEngine, sources: ByteSources) -> None:
+        self.engine = engine
+        self.sources = sources
+
+    async def pull(
+        self,
+        image: ImageRef,
+        digest: str,
+        *,
+        auth: RegistryAuth | None,
+        plan_id: str,
+        nodes: Sequence[str],
+        progress: Callable[[PullProgress], None],
+    ) -> None:
+        def relay(p: PullProgress) -> None:
+            progress(replace(p, sources=self.sources))
+
+        await self.engine.pull(f"{image.familiar_repository}@{digest}", auth=auth, progress=relay)
+
+
+async def test_a_routed_pull_reports_its_bytes_by_source() -> None:
+    engine = FakeEngine(pull_duration_s=0.05)
+    sources = ByteSources(registry=1_000, peers=7_000, cache=2_000)
+    async with harness(engine, route=SourcedRoute(engine, sources)) as h:
+        image = f"{REG}/app:1.0"
+        digest = engine.add_registry_image(image, 10_000)
+        h.executor.submit("p1", [pull(image, digest)], per_node_parallelism=1)
+        await h.settle("p1", 1)
+    done = h.final("p1", image)[-1]
+    assert done.state == "done"
+    assert (done.bytes_registry, done.bytes_peers, done.bytes_cache) == (1_000, 7_000, 2_000)
+    assert all(r.bytes_peers in (0, 7_000) for r in h.reports)

@@ -44,6 +44,9 @@ MAX_IMAGES_PER_TARGET = 500  # images of one target or one paper-form node
 # Image entries in the whole plan. The per-list bounds alone allow 1000 x 500 entries, which
 # YAML aliases can produce from a few hundred bytes; resolution multiplies that by the members.
 MAX_IMAGE_ENTRIES = 20_000
+# Node names in the whole plan (target node lists and the paper form), for the same reason:
+# one list of 1000 names aliased into 1000 targets would name a million.
+MAX_NODE_ENTRIES = 20_000
 MAX_NAME_CHARS = 200  # plan name
 MAX_SELECTOR_LABELS = 64
 MAX_LABEL_CHARS = 253

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from houndd.coordinator.plan.model import PlanSpec, TargetNode
+from houndd.errors import PlanError
 
 
 @dataclass
@@ -23,19 +24,34 @@ class Resolution:
     empty_selectors: list[dict[str, str]] = field(default_factory=list)
 
 
-def resolve_targets(spec: PlanSpec, members: Sequence[TargetNode]) -> Resolution:
-    """Expand the plan's targets against `members` (usually the alive members)."""
+def resolve_targets(
+    spec: PlanSpec, members: Sequence[TargetNode], *, max_items: int | None = None
+) -> Resolution:
+    """Expand the plan's targets against `members` (usually the alive members).
+
+    `max_items`: a plan asking for more node x image items than this (counted as the targets
+    name them, before duplicates merge) is refused with a `PlanError` before the rest is
+    expanded: `all: true` with 20,000 images on a large cluster would otherwise cost millions
+    of entries.
+    """
     by_name: dict[str, TargetNode] = {}
     for member in members:
         by_name.setdefault(member.name, member)
     requests: dict[str, dict[str, None]] = {}
     unknown: dict[str, None] = {}
     empty: list[dict[str, str]] = []
+    asked = 0
 
     def want(node: str, images: Sequence[str]) -> None:
+        nonlocal asked
         if node not in by_name:
             unknown[node] = None
             return
+        asked += max(1, len(images))
+        if max_items is not None and asked > max_items:
+            raise PlanError(
+                "targets", f"the plan asks for more than {max_items} node x image items"
+            )
         requests.setdefault(node, {}).update(dict.fromkeys(images))
 
     for target in spec.targets:

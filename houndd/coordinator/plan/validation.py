@@ -29,6 +29,7 @@ from houndd.coordinator.plan.model import (
     MAX_IMAGES_PER_TARGET,
     MAX_LABEL_CHARS,
     MAX_NAME_CHARS,
+    MAX_NODE_ENTRIES,
     MAX_NODES_ENTRIES,
     MAX_PARALLELISM,
     MAX_RETRIES,
@@ -51,15 +52,22 @@ from houndd.image.reference import _DOMAIN_RE, normalize_registry, parse_referen
 
 
 class _Budget:
-    """Counts image entries across the whole plan (see MAX_IMAGE_ENTRIES)."""
+    """Counts image and node entries across the whole plan (see MAX_IMAGE_ENTRIES and
+    MAX_NODE_ENTRIES), before they are validated one by one."""
 
     def __init__(self) -> None:
         self.images = 0
+        self.nodes = 0
 
     def spend(self, n: int, path: str) -> None:
         self.images += n
         if self.images > MAX_IMAGE_ENTRIES:
             raise PlanError(path, f"the plan has more than {MAX_IMAGE_ENTRIES} image entries")
+
+    def spend_nodes(self, n: int, path: str) -> None:
+        self.nodes += n
+        if self.nodes > MAX_NODE_ENTRIES:
+            raise PlanError(path, f"the plan names more than {MAX_NODE_ENTRIES} nodes in all")
 
 
 def validate_plan(doc: Mapping[Any, Any]) -> PlanSpec:
@@ -138,7 +146,8 @@ def _validate_targets(value: object, action: PlanAction, budget: _Budget) -> tup
             raise PlanError(f"{path}.images", "required")
         form = forms[0]
         if form == "nodes":
-            target = Target(images, nodes=_validate_node_list(doc["nodes"], f"{path}.nodes"))
+            nodes = _validate_node_list(doc["nodes"], f"{path}.nodes", budget)
+            target = Target(images, nodes=nodes)
         elif form == "selector":
             target = Target(images, selector=_validate_selector(doc["selector"], path))
         else:
@@ -153,10 +162,11 @@ def _validate_targets(value: object, action: PlanAction, budget: _Budget) -> tup
     return tuple(targets)
 
 
-def _validate_node_list(value: object, path: str) -> tuple[str, ...]:
+def _validate_node_list(value: object, path: str, budget: _Budget) -> tuple[str, ...]:
     items = expect_list(value, path, MAX_NODES_ENTRIES)
     if not items:
         raise PlanError(path, "empty node list")
+    budget.spend_nodes(len(items), path)
     nodes: dict[str, int] = {}
     for i, raw in enumerate(items):
         node = node_name(raw, f"{path}[{i}]")
@@ -189,6 +199,7 @@ def _validate_paper_nodes(
     doc = expect_mapping(value, "nodes")
     if len(doc) > MAX_NODES_ENTRIES:
         raise PlanError("nodes", f"too many entries: {len(doc)} > {MAX_NODES_ENTRIES}")
+    budget.spend_nodes(len(doc), "nodes")
     out: dict[str, tuple[str, ...]] = {}
     for key, images in doc.items():
         path = key_path("nodes", key)
