@@ -10,7 +10,10 @@ network, not the CPU, is what the methods compete for. Image sizes are Table 4 d
                distinct image combination, combinations fired one after another and the
                nodes sharing a combination at once (the paper's Fig. 1(b))
   all-at-once  every node pulls all its images at once, all nodes fired simultaneously
-  houndd       `houndd submit plan.yaml --wait --json` against a non-coordinator node
+  houndd       `houndd submit plan.yaml --wait --json` against a non-coordinator node, with
+               blob sharing off unless `--p2p` (the paper's comparison is pull against
+               pull) and a policy as wide as the plan (every node at once, all its images
+               at once), which is what all-at-once does
 
 Before each run every host's images are removed; after it every node is checked to hold
 each requested image at the pushed digest. Results (JSON, markdown, PNG plots) go to
@@ -174,12 +177,18 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "COMPOSE_"))}
 
 
-def houndd_plan(scenario: Scenario, images: Images, *, parallelism: int = 10) -> dict[str, Any]:
-    """The scenario as a houndd plan in the paper's form (node -> its images)."""
+def houndd_plan(scenario: Scenario, images: Images) -> dict[str, Any]:
+    """The scenario as a houndd plan in the paper's form (node -> its images), with every
+    node pulling at once and each all its images at once, as all-at-once does."""
+    requests = scenario.requests
     return {
         "name": f"bench-{scenario.figure}-{scenario.label.replace(' ', '-')}",
-        "nodes": {n: [images.ref(i) for i in imgs] for n, imgs in scenario.requests.items()},
-        "policy": {"parallelism": parallelism, "pull_policy": "Always"},
+        "nodes": {n: [images.ref(i) for i in imgs] for n, imgs in requests.items()},
+        "policy": {
+            "parallelism": max(1, len(requests)),
+            "per_node_parallelism": max([1, *(len(imgs) for imgs in requests.values())]),
+            "pull_policy": "Always",
+        },
     }
 
 
@@ -378,7 +387,8 @@ class Bench:
                 self.cluster.stop_houndd(h)
         for h in self.cluster.hosts[:n]:
             if h.houndd_process is None:
-                self.cluster.start_houndd(h, {"preset": self.args.preset}, wait_ready=False)
+                overrides = {"preset": self.args.preset, "p2p": self.args.p2p}
+                self.cluster.start_houndd(h, overrides, wait_ready=False)
         for h in self.cluster.hosts[:n]:
             self.cluster.wait_houndd_ready(h)
         if houndd_converged(self.cluster, wanted, timeout_s=60):
@@ -436,6 +446,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host-mbit", type=float, default=100.0, help="each host's ingress (Mbit/s)")
     p.add_argument("--repeat", type=int, default=1, help="runs per point (the paper: 3)")
     p.add_argument("--preset", default="lan", choices=["lan", "local"], help="houndd timing preset")
+    p.add_argument(
+        "--p2p", action="store_true", help="houndd with blob sharing (default: p2p = false)"
+    )
     p.add_argument("--settle-s", type=float, default=1.0, help="pause after clearing images")
     p.add_argument(
         "--out", type=Path, default=None, help="output dir (default bench/results/<stamp>)"
@@ -521,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round(time.time() - started, 1),
         "machine": machine(),
         "scale": args.scale,
+        "houndd_p2p": args.p2p,
+        "houndd_preset": args.preset,
         "registry_egress_mbit": args.registry_mbit,
         "host_ingress_mbit": args.host_mbit,
         "methods": methods,
@@ -571,7 +586,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{m['dockerd']}, {m['docker_compose']}  ",
         f"Image sizes: paper Table 4 / {result['scale']:g}. Registry egress "
         f"{result['registry_egress_mbit']:g} Mbit/s, "
-        f"host ingress {result['host_ingress_mbit']:g} Mbit/s. "
+        f"host ingress {result['host_ingress_mbit']:g} Mbit/s. houndd: `p2p = "
+        f"{str(result.get('houndd_p2p', True)).lower()}`, preset "
+        f"{result.get('houndd_preset', 'lan')}. "
         f"Times in seconds (mean of ok runs); bound = max(total bytes / registry egress, "
         f"max node bytes / host ingress).",
         "",
