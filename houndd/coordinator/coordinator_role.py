@@ -45,6 +45,7 @@ from houndd.coordinator.messages import (
     PlanPut,
     Results,
     Send,
+    SyncItems,
 )
 from houndd.coordinator.node_state import NodeState
 from houndd.coordinator.records import (
@@ -185,6 +186,27 @@ class CoordinatorRole:
                 out.extend(self._sched_actions(pid, run.scheduler.on_node_down(node, now), now))
             for node in sorted(up):
                 out.extend(self._sched_actions(pid, run.scheduler.on_node_up(node, now), now))
+        if self._state.is_coordinator:
+            for node in sorted(up):
+                out.extend(self._keep_present_to(node))
+        return out
+
+    def _keep_present_to(self, node: str) -> list[Action]:
+        """A member joined or came back: it gets every committed keep_present plan (each
+        member checks those against its own images; it may have missed them)."""
+        st = self._state
+        plans = tuple(
+            rec
+            for rec in st.replica.plans()
+            if rec.committed
+            and rec.document.plan.policy.keep_present
+            and rec.document.plan.action == "pull"
+            and st.replica.cancelled(rec.plan_id) is None
+        )
+        out: list[Action] = []
+        for rec in plans:
+            self.add_holder(rec.plan_id, node)
+            out.append(Send(node, SyncItems((rec,), (), (), (), None)))
         return out
 
     def role_changed(self, was: Role, now: float) -> list[Action]:

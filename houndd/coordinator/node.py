@@ -298,9 +298,12 @@ class NodeCore:
             self.coordinating.fan_out(changed, now)
             return self.coordinating.feed(changed, now)
         coord = st.coordinator(now)
-        if coord is None or coord == st.node_id:
-            return []  # anti-entropy will carry it
         results = tuple(r for r in changed if isinstance(r, ResultRecord))
+        if coord is None or coord == st.node_id:
+            # No coordinator to tell: the next anti-entropy round carries it (a target that
+            # holds only its part of the plan is in those rounds only while unsettled).
+            self.replication.unsettled({r.plan_id for r in results})
+            return []
         msg = Results(results)
         if any(r.result.is_final for r in results):
             # An outcome must not wait for the next anti-entropy round because one datagram

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from houndd.config import local
+from houndd.config import Config, local
 from houndd.coordinator.election import Role
 from houndd.coordinator.messages import (
     AckClient,
@@ -23,6 +23,8 @@ from houndd.coordinator.messages import (
     Request,
     Results,
     Send,
+    SyncDigest,
+    SyncItems,
     VoteReply,
     VoteRequest,
 )
@@ -124,11 +126,28 @@ def test_non_coordinator_refuses_submit() -> None:
     assert of(core.submit("p", DOC, ITEMS, 0.1, "c"), AckClient)[0].ok is False
 
 
+def test_a_member_that_joins_later_gets_the_keep_present_plans() -> None:
+    core = coordinator(alive={"b"})
+    doc = PlanDocument({**DOC.spec, "policy": {"keep_present": True}})
+    acts = core.submit("k", doc, ITEMS, 1.0, "client")
+    (put,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
+    core.response(put.token, "b", PlanAck("k", "b", True), 1.1)
+    core.submit("p", DOC, ITEMS, 1.2, "client")  # not keep_present: replicas only
+    acts = core.membership({"b", "c"}, {}, 2.0)
+    synced = [s for s in of(acts, Send) if s.node_id == "c" and isinstance(s.payload, SyncItems)]
+    assert [r.plan_id for s in synced for r in s.payload.plans] == ["k"]
+    assert synced[0].payload.plans[0].committed
+    # The new member stores it like any record it merges.
+    joiner = NodeCore("c", CFG, random.Random(5), 0.0)
+    joiner.receive("a", synced[0].payload, 2.1)
+    assert joiner.replica.plan("k") is not None and joiner.replica.plan("k").committed  # type: ignore[union-attr]
+
+
 WORK = PlanWork("p", "pull", "IfNotPresent", 3, ("a",))
 
 
-def _worker_with_plan() -> NodeCore:
-    w = NodeCore("b", CFG, random.Random(1), 0.0)
+def _worker_with_plan(cfg: Config = CFG) -> NodeCore:
+    w = NodeCore("b", cfg, random.Random(1), 0.0)
     w.receive("a", Heartbeat(2, "a"), 0.1)
     return w
 
@@ -158,6 +177,29 @@ def test_a_committed_dispatch_outranks_a_tombstone_a_tentative_one_does_not() ->
     assert not of(acts, Execute) and of(acts, Reply)[0].payload.reason == "aborted"
     acts = w.receive("a", _dispatch(attempt=2, committed=True), 0.3)
     assert of(acts, Execute) and not w.replica.is_aborted("p")
+
+
+def test_an_outcome_with_no_coordinator_to_tell_goes_in_the_next_anti_entropy_round() -> None:
+    cfg = local(plan_replicas=2, anti_entropy_idle_s=60.0)
+    w = _worker_with_plan(cfg)
+    w.membership({"a", "c"}, {}, 0.15)  # b cannot win an election alone
+    w.receive("a", _dispatch(), 0.2)
+    later = 0.2 + cfg.coordinator_timeout_s + 0.05  # no heartbeat since: no coordinator
+    w.tick(later)
+    done = ItemResult(ItemState.DONE, 1, "sha256:1", 10, 10)
+    acts = w.executor_report(ExecutorReport("p", "x:1", done), later)
+    assert not [r for r in of(acts, Request) if isinstance(r.payload, Results)]
+    # A target holds only its part, which the frequent rounds skip unless it is unsettled;
+    # the idle sweep comes much later (anti_entropy_idle_s).
+    asked: list[str] = []
+    t = later
+    while t < later + 3 * cfg.anti_entropy_interval_s:
+        t += 0.05
+        for r in of(w.tick(t), Request):
+            if isinstance(r.payload, SyncDigest):
+                asked.extend(r.payload.digests)
+    assert cfg.anti_entropy_idle_s * 0.5 > t  # the sweep cannot be what carried it
+    assert "p" in asked
 
 
 def test_worker_fences_dispatches() -> None:
