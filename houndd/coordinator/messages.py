@@ -231,12 +231,17 @@ class PlanSummary:
     summary: Annotated[dict[ShortText, Counter], Size(0, 16)]
 
 
+MAX_LISTED_PLANS = 1_000
+"""A plan list from the coordinator holds its newest plans up to this many (at most about
+650 bytes each, names and via at their longest: well inside a peer reply's body cap)."""
+
+
 @message(MsgType.PLAN_LIST_REPLY)
 @dataclass(frozen=True, slots=True)
 class PlanListReply:
-    """The coordinator's plans, newest first."""
+    """The coordinator's newest plans (at most MAX_LISTED_PLANS), newest first."""
 
-    plans: Annotated[tuple[PlanSummary, ...], Size(0, MAX_PLANS)]
+    plans: Annotated[tuple[PlanSummary, ...], Size(0, MAX_LISTED_PLANS)]
 
 
 # --- dispatch -----------------------------------------------------------------------------------

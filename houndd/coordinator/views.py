@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from houndd.coordinator.dispatch import DispatchRuntime
-from houndd.coordinator.messages import PlanList, PlanListReply, PlanSummary
+from houndd.coordinator.messages import MAX_LISTED_PLANS, PlanList, PlanListReply, PlanSummary
 from houndd.coordinator.records import PlanRecord
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.errors import NO_SPACE, HounddError
@@ -198,7 +198,8 @@ class PlanViews:
     # --- peers ---------------------------------------------------------------------------------
 
     async def _on_plan_list(self, msg: Message) -> PlanListReply:
-        return PlanListReply(tuple(schema.decode(PlanSummary, v) for v in self.local_plans()))
+        newest = self.local_plans()[:MAX_LISTED_PLANS]
+        return PlanListReply(tuple(schema.decode(PlanSummary, v) for v in newest))
 
     # --- rendering -----------------------------------------------------------------------------
 

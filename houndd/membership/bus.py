@@ -192,8 +192,12 @@ class Bus:
             self._on_datagram(data, address)
             return
         if len(data) > self._config.max_udp_bytes:
-            # Too big for one datagram (a plan with hundreds of items): the same sealed bytes
-            # travel as a peer request instead, still best effort, without holding the caller.
+            # Too big for one datagram (a plan with hundreds of items): it travels as a peer
+            # request instead, still best effort, without holding the caller. Requests carry
+            # the signing certificate itself (a receiver that lacks it could not ask).
+            data = self._seal(payload)
+            if data is None:
+                return
             self.spawn(self._send_as_request(address, data), "oversize datagram")
             return
         await self._transport.send(address, data)

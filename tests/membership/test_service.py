@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -330,3 +331,25 @@ async def test_a_receiver_that_lost_our_certificate_gets_it_again(tmp_path: Path
             lambda: all(n.alive_ids() == {sender.id, receiver.id} for n in nodes),
             what="both still alive",
         )
+
+
+async def test_a_datagram_too_big_for_udp_carries_our_certificate(tmp_path: Path) -> None:
+    """An oversize datagram travels as a request, which a receiver that lost our certificate
+    cannot answer with CERT_NEEDED: it carries the certificate itself, not a reference."""
+    async with cluster(tmp_path, 2) as nodes:
+        sender, receiver = nodes
+        got: list[int] = []
+
+        async def handler(msg: Message) -> None:
+            assert isinstance(msg.payload, VoteRequest)
+            got.append(msg.payload.term)
+
+        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
+        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
+        await eventually(lambda: got == [1], what="first datagram")
+        assert receiver.address in sender.wire._cert_sent  # datagrams now name it
+        receiver.wire.peers = PeerKeys()  # as after a restart: no certificate held
+        sender.bus._config = dataclasses.replace(sender.bus._config, max_udp_bytes=64)
+        await sender.bus.send(receiver.id, VoteRequest(2, sender.id))
+        await eventually(lambda: 2 in got, what="the oversize datagram delivered as a request")
+        assert receiver.wire.refused["cert_unknown"] == 0

@@ -3,6 +3,7 @@ payload with an extra field, a missing field or a value out of bounds is refused
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,3 +69,17 @@ def test_generated_payloads_of_every_type_decode_and_round_trip(data: st.DataObj
         raw = data.draw(payload_strategy(cls), label=msg_type.name)
         payload = decode_payload(msg_type, raw)
         assert decode_payload(msg_type, encode_payload(payload)[1]) == payload
+
+
+def test_the_longest_plan_list_fits_in_a_peer_reply() -> None:
+    from houndd.config import Config
+    from houndd.coordinator.messages import MAX_LISTED_PLANS, PlanListReply, PlanSummary
+    from houndd.wire.fields import MAX_NAME_CHARS
+
+    counts = dict.fromkeys(("total", "done", "failed", "pulling", "pending", "cancelled"), 2**40)
+    summary = PlanSummary(
+        "p" * 64, "n" * MAX_NAME_CHARS, "pull", "running", 1.7e9, True, "v" * MAX_NAME_CHARS,
+        counts,
+    )  # fmt: skip
+    _, body = encode_payload(PlanListReply((summary,) * MAX_LISTED_PLANS))
+    assert len(msgpack.packb(body)) < Config().max_http_body_bytes * 0.8
