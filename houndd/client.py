@@ -234,7 +234,8 @@ class Client:
 
     def _connect(self, timeout_s: float) -> socket.socket:
         a = self.address
-        # an ASCII name goes as bytes: a str would load the idna codec on every call
+        # an ASCII name goes as bytes: a str would load the idna codec on every call (CPython
+        # takes bytes hosts; typeshed types the host as str only, hence the ignore below)
         host: str | bytes = a.host.encode() if a.host.isascii() else a.host
         try:
             sock = socket.create_connection((host, a.port), timeout=timeout_s)  # type: ignore[arg-type]
