@@ -45,6 +45,8 @@ RENDER_INTERVAL_S = 0.02
 """A stream renders at most this often: changes within it go out as one batch of events."""
 PLAN_STATES = ("pending", "running", "done", "failed", "cancelled")
 FINAL_PLAN_STATES = frozenset({"done", "failed", "cancelled"})
+SUMMARY_FIELDS = schema.wire_names(PlanSummary)
+"""The keys of a plan's view that a plan list from the coordinator carries."""
 SUMMARY_KEYS = ("total", "done", "failed", "pulling", "pending", "cancelled")
 CACHED_PLANS = 16
 """Plans whose rendered rows are kept (the ones being read)."""
@@ -199,7 +201,12 @@ class PlanViews:
 
     async def _on_plan_list(self, msg: Message) -> PlanListReply:
         newest = self.local_plans()[:MAX_LISTED_PLANS]
-        return PlanListReply(tuple(schema.decode(PlanSummary, v) for v in newest))
+        return PlanListReply(
+            tuple(
+                schema.decode(PlanSummary, {k: v[k] for k in SUMMARY_FIELDS if k in v})
+                for v in newest
+            )
+        )
 
     # --- rendering -----------------------------------------------------------------------------
 

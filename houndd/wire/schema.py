@@ -54,6 +54,11 @@ def wire_name(name: str, **more: Any) -> dict[str, Any]:
     return {"houndd.wire": name, **more}
 
 
+def wire_names(cls: type) -> tuple[str, ...]:
+    """The keys a dataclass's fields travel under, in field order."""
+    return tuple(f.metadata.get("houndd.wire", f.name) for f in dataclasses.fields(cls))
+
+
 class SchemaError(WireError):
     """A payload does not match its schema. `field` is the path (`items[2].digest`; empty for
     the payload itself) and `problem` what is wrong with it."""

@@ -134,3 +134,16 @@ async def test_a_node_that_does_not_hold_a_plan_fetches_it_to_serve_it(tmp_path:
         plans = await reader.service.views.plans()
         assert [p["id"] for p in plans] == [plan_id]
         assert await reader.service.views.plan("no-such-plan") is None
+
+
+async def test_a_node_that_holds_no_plan_lists_the_coordinators(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 4, pull_s=0.3, plan_replicas=2) as nodes:
+        coordinator = await coordinator_of(nodes)
+        plan_id = await submit(coordinator, IMAGES[:2])
+        runtime = {n.name: n.service.runtime for n in nodes}
+        reader = next(n for n in nodes if runtime[n.name].core.replica.plan(plan_id) is None)
+        assert reader.service.views.local_plans() == []
+        plans = await reader.service.views.plans()  # PLAN_LIST to the coordinator
+        assert [p["id"] for p in plans] == [plan_id]
+        assert plans[0]["name"] == "streams" and plans[0]["summary"]["total"] == 8
+        assert runtime[reader.name].core.replica.plan(plan_id) is None  # listed, not fetched
