@@ -43,6 +43,11 @@ EVENT_POLL_S = 1.0
 """A stream looks at the replica on every change, and at least this often."""
 RENDER_INTERVAL_S = 0.02
 """A stream renders at most this often: changes within it go out as one batch of events."""
+READERS_PER_INTERVAL = 10
+MAX_RENDER_INTERVAL_S = 1.0
+"""A stream with many readers renders less often: RENDER_INTERVAL_S more for every
+READERS_PER_INTERVAL readers, up to MAX_RENDER_INTERVAL_S. Changes of one item within an
+interval go out as one event, so a crowd costs fewer, larger batches, not more of them."""
 PLAN_STATES = ("pending", "running", "done", "failed", "cancelled")
 FINAL_PLAN_STATES = frozenset({"done", "failed", "cancelled"})
 SUMMARY_FIELDS = schema.wire_names(PlanSummary)
@@ -464,6 +469,11 @@ class PlanStream:
     def unsubscribe(self, sub: _Subscriber) -> None:
         self._subs.discard(sub)
 
+    def interval_s(self) -> float:
+        """How long to gather changes before the next render, for this many readers."""
+        steps = max(1.0, len(self._subs) / READERS_PER_INTERVAL)
+        return min(MAX_RENDER_INTERVAL_S, RENDER_INTERVAL_S * steps)
+
     async def pump(self) -> None:
         """Render changes and publish them until the plan is final or nobody reads (the
         last reader leaving is noticed at the next change or poll)."""
@@ -476,7 +486,7 @@ class PlanStream:
                 events = self._render()
                 if events:
                     self._publish(b"".join(events))
-                await asyncio.sleep(RENDER_INTERVAL_S)
+                await asyncio.sleep(self.interval_s())
         finally:
             self.closed = True
             self._views._stream_done(self)

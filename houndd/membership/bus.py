@@ -135,6 +135,7 @@ class Bus:
         self.sent_bytes: Counter[str] = Counter()
         """Sealed bytes sent, by message type name."""
         self._cert_asked: dict[str, float] = {}
+        self._boots: dict[str, int] = {}  # node id -> the boot epoch it last sent
         self._handlers[MsgType.CERT_NEEDED] = (self._on_cert_needed, True)
 
     @property
@@ -401,7 +402,23 @@ class Bus:
             key = ("refused", str(source[0]))
             self._warn_once(key, "refused peer message source=%s err=%s", source[0], e)
             raise
+        self._note_boot(env.sender, env.boot_epoch, source)
         return Message(env.sender, env.type, payload, source)
+
+    def _note_boot(self, sender: str, boot_epoch: int, source: Address) -> None:
+        """A member that restarted (a higher boot epoch) holds none of the certificates it
+        was sent: our next datagrams to it carry ours in full, so that it never refuses our
+        probes and suspects nobody for it."""
+        known = self._boots.get(sender)
+        if known == boot_epoch:
+            return
+        self._boots[sender] = boot_epoch
+        if len(self._boots) > MAX_CERT_ASKED:
+            self._boots.pop(next(iter(self._boots)))
+        if known is not None and boot_epoch > known:
+            for to in {source, self._resolve(sender)}:
+                if to is not None:
+                    self._wire.resend_cert(to)
 
     def _seal(self, payload: object, *, to: Address | None = None) -> bytes | None:
         """Encode and seal, or None if the payload cannot go on the wire (a bug of ours: it

@@ -147,3 +147,20 @@ async def test_a_node_that_holds_no_plan_lists_the_coordinators(tmp_path: Path) 
         assert [p["id"] for p in plans] == [plan_id]
         assert plans[0]["name"] == "streams" and plans[0]["summary"]["total"] == 8
         assert runtime[reader.name].core.replica.plan(plan_id) is None  # listed, not fetched
+
+
+def test_a_stream_with_more_readers_batches_longer() -> None:
+    from houndd.coordinator.views import (
+        MAX_RENDER_INTERVAL_S,
+        READERS_PER_INTERVAL,
+        RENDER_INTERVAL_S,
+        PlanStream,
+    )
+
+    stream = PlanStream.__new__(PlanStream)  # only its reader set matters here
+    stream._subs = set()
+    assert stream.interval_s() == RENDER_INTERVAL_S
+    stream._subs = {object() for _ in range(READERS_PER_INTERVAL * 5)}
+    assert stream.interval_s() == RENDER_INTERVAL_S * 5
+    stream._subs = {object() for _ in range(100_000)}
+    assert stream.interval_s() == MAX_RENDER_INTERVAL_S

@@ -353,3 +353,30 @@ async def test_a_datagram_too_big_for_udp_carries_our_certificate(tmp_path: Path
         await sender.bus.send(receiver.id, VoteRequest(2, sender.id))
         await eventually(lambda: 2 in got, what="the oversize datagram delivered as a request")
         assert receiver.wire.refused["cert_unknown"] == 0
+
+
+async def test_a_member_that_restarted_is_sent_our_certificate_again(tmp_path: Path) -> None:
+    """A message with a higher boot epoch says its sender restarted and holds none of the
+    certificates it was sent: our next datagram to it carries ours, so it refuses nothing."""
+    async with cluster(tmp_path, 2) as nodes:
+        sender, receiver = nodes
+        got: list[int] = []
+
+        async def handler(msg: Message) -> None:
+            assert isinstance(msg.payload, VoteRequest)
+            got.append(msg.payload.term)
+
+        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
+        sender.bus.register(MsgType.VOTE_REQUEST, handler)
+        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
+        await eventually(lambda: 1 in got, what="first datagram")
+        assert receiver.address in sender.wire._cert_sent
+        # The receiver restarts: a new boot epoch, no certificates held.
+        receiver.wire.peers = PeerKeys()
+        receiver.wire.boot_epoch += 1
+        refused = receiver.wire.refused["cert_unknown"]
+        await receiver.bus.send(sender.id, VoteRequest(2, receiver.id))
+        await eventually(lambda: 2 in got, what="the restarted node heard")
+        await sender.bus.send(receiver.id, VoteRequest(3, sender.id))
+        await eventually(lambda: 3 in got, what="the next datagram carried the certificate")
+        assert receiver.wire.refused["cert_unknown"] == refused
