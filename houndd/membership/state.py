@@ -184,6 +184,7 @@ def dead_update(node_id: str, incarnation: int, by: str) -> Update:
 class _Probe:
     seq: int
     target: str
+    incarnation: int  # the target's when the probe started
     started: float
     indirect_at: float
     deadline: float
@@ -435,6 +436,7 @@ class MemberTable:
         self._probe = _Probe(
             seq=self._seq,
             target=target.node_id,
+            incarnation=target.incarnation,
             started=now,
             indirect_at=now + self._scaled(self._config.probe_timeout_s),
             deadline=self._next_probe_at,
@@ -467,6 +469,10 @@ class MemberTable:
             self._health = min(MAX_HEALTH_SCORE, self._health + 1)
         target = self._members.get(probe.target)
         if target is None or target.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            return
+        if target.incarnation > probe.incarnation:
+            # It announced itself anew while we waited (it restarted, or refuted): the
+            # silence was the old incarnation's, and says nothing of the new one.
             return
         # On a member already suspect this is our independent confirmation (Lifeguard).
         self._apply_suspect(target.node_id, target.incarnation, self._local_id, now, out)

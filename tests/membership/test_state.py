@@ -383,3 +383,17 @@ def test_member_version_travels_and_records_without_it_are_accepted() -> None:
         schema.decode(Member, {**schema.encode(m), "ver": "x" * 1000})
     with pytest.raises(WireError, match=r"ver"):
         schema.decode(Member, {**schema.encode(m), "ver": 2})
+
+
+def test_a_probe_that_fails_after_the_target_came_back_suspects_nobody() -> None:
+    """A member that restarts while we probe it (it announces a higher incarnation before
+    the probe's deadline) is not suspected for the old incarnation's silence."""
+    t = table(1)
+    acts = t.handle(Tick(), P * 1.1)  # the probe of id1 starts
+    assert sends(acts, Ping)
+    gossip(t, [alive_update(member(1, inc=5))], P * 1.2)  # it rejoined, new incarnation
+    acts = t.handle(Tick(), P * 2.2)  # the probe's deadline: no ack came
+    assert changes(acts) == [] and t.get("id1").state is MemberState.ALIVE  # type: ignore[union-attr]
+    # The next probe is of the new incarnation: its silence counts.
+    acts = t.handle(Tick(), P * 3.3)
+    assert changes(acts) == [("id1", MemberState.ALIVE, MemberState.SUSPECT)]
