@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections import Counter
@@ -226,11 +227,11 @@ def profile_sim(n: int) -> dict[str, Any]:
 def _short(func: str) -> str:
     name, _, where = func.partition(" (")
     where = where.removesuffix(")")
-    for marker in ("site-packages/", "/houndd/", "python3.11/", "python3.12/"):
+    for marker in ("site-packages/", "/houndd/", "/bench/", "python3.11/", "python3.12/"):
         if marker in where:
             where = where.split(marker, 1)[1]
-            if marker == "/houndd/":
-                where = "houndd/" + where
+            if marker in ("/houndd/", "/bench/"):
+                where = marker.strip("/") + "/" + where
             break
     return f"`{name}` {where}"
 
@@ -280,7 +281,12 @@ def main() -> None:
         )
     md.append(f"\nCommand: `{data['command']}`.\n")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"where-{args.label}.json").write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    # Profiles name files by path: keep them relative (no machine paths in results).
+    paths = sysconfig.get_paths()
+    for prefix in sorted({paths["purelib"], paths["stdlib"], str(REPO_ROOT)}, key=len)[::-1]:
+        text = text.replace(prefix + "/", "")
+    (RESULTS_DIR / f"where-{args.label}.json").write_text(text)
     (RESULTS_DIR / f"where-{args.label}.md").write_text("".join(md))
     print("".join(md))
 
