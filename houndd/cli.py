@@ -351,7 +351,9 @@ def _follow(client: Client, plan_id: str, args: argparse.Namespace) -> dict[str,
                     if not quiet:
                         progress.update(event)
                     if event.get("event") == "final" and isinstance(event.get("plan"), dict):
-                        return dict(event["plan"])
+                        # the final event carries the plan without its items: the whole of
+                        # it for the report
+                        return dict(client.get(f"/v1/plans/{plan_id}"))
                 # the stream ended without the final view: it may be final anyway
                 plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}")
                 if plan.get("state") in FINAL_STATES:

@@ -180,7 +180,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "parameters": [_PLAN_ID],
                     "responses": {
                         "200": {
-                            "description": "server-sent events",
+                            "description": (
+                                "server-sent events: `snapshot` (the whole plan), `item` (one "
+                                "changed item), `final` (the finished plan without its items), "
+                                "`dropped` (this reader fell behind; connect again)"
+                            ),
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
                         **_problems(401, 404),

@@ -512,7 +512,10 @@ class PlanStream:
                 self._seen[key] = row
         self._view, self._snapshot = view, None
         if view["state"] in FINAL_PLAN_STATES:
-            self._final = sse({"event": "final", "plan": view})
+            # Without its items: every reader has them (its snapshot and the item events), and
+            # at a few thousand items they would double what a crowd of readers is sent.
+            ended = {k: v for k, v in view.items() if k != "items"}
+            self._final = sse({"event": "final", "plan": ended})
             events.append(self._final)
         return events
 

@@ -133,10 +133,15 @@ def test_stream_is_snapshot_then_items_then_final(
 
     assert final["state"] == "done"
     assert final["summary"]["done"] == final["summary"]["total"] == 4
-    assert sorted((i["node"], i["image"]) for i in final["items"]) == sorted(
-        (n.name, ref) for n in warm.nodes for ref in warm.images
+    assert "items" not in final  # every reader has them: the snapshot and the item events
+    items = {(i["node"], i["image"]): i for i in snapshot["items"]}
+    items.update(
+        {(e["item"]["node"], e["item"]["image"]): e["item"] for k, e in events if k == "item"}
     )
-    for item in final["items"]:
+    assert sorted(items) == sorted((n.name, ref) for n in warm.nodes for ref in warm.images)
+    fetched = warm.node.get_json(f"/v1/plans/{submitted['id']}")["items"]
+    assert items == {(i["node"], i["image"]): i for i in fetched}  # the stream told it all
+    for item in items.values():
         pushed = warm.images[item["image"]]
         assert item["state"] == "done" and item["final"] is True
         assert item["digest"] == pushed.digest
