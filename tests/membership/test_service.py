@@ -296,21 +296,30 @@ async def test_graceful_leave_is_seen_as_left(tmp_path: Path) -> None:
         )
 
 
+async def first_vote_request(sender: Node, receiver: Node, *, both_ways: bool = False) -> list[int]:
+    """Record the terms of the VOTE_REQUESTs `receiver` (and, `both_ways`, `sender`) gets;
+    send the first one, which carries the sender's certificate in full. Returns the terms."""
+    got: list[int] = []
+
+    async def handler(msg: Message) -> None:
+        assert isinstance(msg.payload, VoteRequest)
+        got.append(msg.payload.term)
+
+    receiver.bus.register(MsgType.VOTE_REQUEST, handler)
+    if both_ways:
+        sender.bus.register(MsgType.VOTE_REQUEST, handler)
+    await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
+    await eventually(lambda: got == [1], what="first datagram")
+    return got
+
+
 async def test_a_receiver_that_lost_our_certificate_gets_it_again(tmp_path: Path) -> None:
     """Datagrams name the sender's certificate once the receiver was sent it. A receiver
     that no longer holds it (it restarted) refuses one datagram, asks for the certificate
     (CERT_NEEDED), and the next datagram carries it."""
     async with cluster(tmp_path, 2) as nodes:
         sender, receiver = nodes
-        got: list[int] = []
-
-        async def handler(msg: Message) -> None:
-            assert isinstance(msg.payload, VoteRequest)
-            got.append(msg.payload.term)
-
-        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
-        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
-        await eventually(lambda: got == [1], what="first datagram")
+        got = await first_vote_request(sender, receiver)
         small = sender.bus.sent_bytes["VOTE_REQUEST"]
         receiver.wire.peers = PeerKeys()  # as after a restart: no certificate held
         await sender.bus.send(receiver.id, VoteRequest(2, sender.id))  # a reference: refused
@@ -338,15 +347,7 @@ async def test_a_datagram_too_big_for_udp_carries_our_certificate(tmp_path: Path
     cannot answer with CERT_NEEDED: it carries the certificate itself, not a reference."""
     async with cluster(tmp_path, 2) as nodes:
         sender, receiver = nodes
-        got: list[int] = []
-
-        async def handler(msg: Message) -> None:
-            assert isinstance(msg.payload, VoteRequest)
-            got.append(msg.payload.term)
-
-        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
-        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
-        await eventually(lambda: got == [1], what="first datagram")
+        got = await first_vote_request(sender, receiver)
         assert receiver.address in sender.wire._cert_sent  # datagrams now name it
         receiver.wire.peers = PeerKeys()  # as after a restart: no certificate held
         sender.bus._config = dataclasses.replace(sender.bus._config, max_udp_bytes=64)
@@ -360,16 +361,7 @@ async def test_a_member_that_restarted_is_sent_our_certificate_again(tmp_path: P
     certificates it was sent: our next datagram to it carries ours, so it refuses nothing."""
     async with cluster(tmp_path, 2) as nodes:
         sender, receiver = nodes
-        got: list[int] = []
-
-        async def handler(msg: Message) -> None:
-            assert isinstance(msg.payload, VoteRequest)
-            got.append(msg.payload.term)
-
-        receiver.bus.register(MsgType.VOTE_REQUEST, handler)
-        sender.bus.register(MsgType.VOTE_REQUEST, handler)
-        await sender.bus.send(receiver.id, VoteRequest(1, sender.id))
-        await eventually(lambda: 1 in got, what="first datagram")
+        got = await first_vote_request(sender, receiver, both_ways=True)
         assert receiver.address in sender.wire._cert_sent
         # The receiver restarts: a new boot epoch, no certificates held.
         receiver.wire.peers = PeerKeys()
