@@ -119,9 +119,13 @@ async def cluster(tmp: Path, n: int = 3, **kw: Any) -> AsyncIterator[list[Node]]
     finally:
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        # Bounded: a node that does not stop fails the test instead of hanging the suite.
+        async with asyncio.timeout(30):
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            for node in nodes:
+                await node.service.close()  # the plan parser's child process
 
 
 async def until(cond: Callable[[], object], within_s: float, what: str) -> None:
