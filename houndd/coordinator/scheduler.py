@@ -489,9 +489,18 @@ class Scheduler:
         transient: bool,
         now: float,
     ) -> list[Action]:
-        """The node finished an attempt. Stale or unknown results are ignored."""
+        """The node finished an attempt. Stale or unknown results are ignored.
+
+        A result numbered above every attempt this scheduler sent comes from a previous
+        coordinator's dispatch: a new coordinator numbers from what it knew at its takeover,
+        and a node may have moved on since (it restarted, or ran a later dispatch of the old
+        coordinator). Ignoring it stalled the plan: the node answers a repeated dispatch of
+        what it ran or runs under that higher number, so no answer would ever match. Its
+        number is adopted instead (see `_from_earlier_coordinator`)."""
         self._now = max(self._now, now)
         item = self._items.get((node, image))
+        if item is not None and item.state in ("pending", "pulling") and attempt > item.attempt:
+            return self._from_earlier_coordinator(item, attempt, ok, reason, transient, now)
         if item is None or item.state != "pulling" or item.attempt != attempt:
             log.debug(
                 "stale result ignored node=%s image=%s attempt=%d current=%s",
@@ -509,6 +518,30 @@ class Scheduler:
         else:
             self._fail(item, reason, transient, now, actions)
         actions.extend(self._fill(now, (self._nodes[node],)))
+        return actions
+
+    def _from_earlier_coordinator(  # noqa: PLR0917 - on_result's arguments
+        self, item: _Item, attempt: int, ok: bool, reason: str, transient: bool, now: float
+    ) -> list[Action]:
+        """A result of an attempt this scheduler never sent. Its number is adopted, so the
+        next dispatch outnumbers it. In flight, it answers the dispatch out there (the node
+        answers a repeated dispatch of what it runs under the higher number). Queued, a
+        success ends the item; a failure changes only the numbering (the queued dispatch
+        decides)."""
+        item.attempt = attempt
+        if item.state == "pulling":
+            return self.on_result(item.node, item.image, attempt, ok, reason, transient, now)
+        if not ok:
+            return []
+        node = self._nodes[item.node]
+        node.queue.remove(item)
+        node.queued_bytes -= item.size
+        if not node.dead:
+            self._heard_from(node)
+        self._refresh(node)
+        actions: list[Action] = []
+        self._finish(item, "done", "", actions)
+        actions.extend(self._fill(now, (node,)))
         return actions
 
     def on_tick(self, now: float) -> list[Action]:

@@ -244,7 +244,7 @@ def test_stale_and_unknown_results_are_ignored() -> None:
     s.start(0.0)
     assert s.on_result("n", "other", 1, True, "", False, 1.0) == []
     assert s.on_result("ghost", "img", 1, True, "", False, 1.0) == []
-    assert s.on_result("n", "img", 2, True, "", False, 1.0) == []  # never dispatched
+    assert s.on_result("n", "img", 0, True, "", False, 1.0) == []  # before this dispatch
     assert s.on_result("n", "img", 1, True, "", False, 1.0) == [Final("n", "img", "done", "")]
     assert s.on_result("n", "img", 1, False, "dup", False, 2.0) == []  # duplicate delivery
     assert s.state("n", "img") == "done"
@@ -535,6 +535,48 @@ def test_restore_never_redispatches_final_items_and_keeps_attempts() -> None:
     for image, attempt in (("pulling-img", 3), ("pending-img", 1)):
         s.on_result("a", image, attempt, True, "", False, 103.0)
     assert s.done()
+
+
+def test_success_of_an_earlier_coordinators_later_attempt_ends_a_pulling_item() -> None:
+    """After a takeover the new coordinator knew attempt 0 and sends attempt 1; the node had
+    run the old coordinator's attempt 2 and answers under 2. A scheduler that called that
+    stale waited for an answer that never came (the failover test's stall)."""
+    s = Scheduler.restore(
+        [RestoredItem("a", "x", "d", 10, "pending", attempt=0)], Policy(), rng=random.Random(1)
+    )
+    assert dispatches(s.start(0.0))[0].items[0].attempt == 1
+    assert s.on_result("a", "x", 2, True, "", False, 1.0) == [Final("a", "x", "done", "")]
+    assert s.done()
+
+
+def test_failure_of_an_earlier_coordinators_later_attempt_is_adopted_and_retried_above_it() -> None:
+    s = Scheduler.restore(
+        [RestoredItem("a", "x", "d", 10, "pending", attempt=0)],
+        Policy(retries=1),
+        rng=random.Random(1),
+        backoff_base_s=0.0,
+    )
+    s.start(0.0)
+    acts = s.on_result("a", "x", 3, False, "reset", True, 1.0)
+    assert dispatches(acts)[0].items[0].attempt == 4  # outnumbers what the node ran
+    assert s.on_result("a", "x", 3, True, "", False, 2.0) == []  # now stale
+    assert s.on_result("a", "x", 4, True, "", False, 2.0) == [Final("a", "x", "done", "")]
+
+
+def test_success_of_an_earlier_coordinators_attempt_ends_a_queued_item() -> None:
+    """The node is down in the new coordinator's view (queued, not dispatched) when its
+    success of the old coordinator's attempt arrives: the item is done, never dispatched."""
+    s = Scheduler.restore(
+        [RestoredItem("a", "x", "d", 10, "pending", attempt=0)], Policy(), rng=random.Random(1)
+    )
+    s.on_node_down("a", 0.0)
+    assert s.start(0.0) == []
+    assert s.on_result("a", "x", 1, False, "reset", True, 1.0) == []  # queued: numbering only
+    assert s.item("a", "x").attempt == 1
+    assert s.on_result("a", "x", 1, True, "", False, 1.5) == []  # not above what it knows now
+    assert s.on_result("a", "x", 2, True, "", False, 2.0) == [Final("a", "x", "done", "")]
+    assert s.done()
+    assert s.on_node_up("a", 3.0) == []
 
 
 def test_restore_of_only_final_items_is_done_and_dispatches_nothing() -> None:
