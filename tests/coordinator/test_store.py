@@ -22,7 +22,9 @@ from houndd.coordinator.records import (
     CancelRecord,
     PlanDocument,
     PlanItem,
+    PlanPart,
     PlanRecord,
+    PlanWork,
     ResultRecord,
 )
 from houndd.coordinator.results import ItemResult, ItemState
@@ -145,6 +147,23 @@ def test_progress_commits_skip_the_fsync_outcomes_do_not(tmp_path: Path) -> None
         done = ResultRecord("p", "n", "x:1", ItemResult(ItemState.DONE, 1, bytes_done=9))
         store.apply(Persist((done,)))
         assert mode() == 2  # FULL
+
+
+def test_a_dispatch_acceptance_skips_the_fsync_and_survives_a_reopen(tmp_path: Path) -> None:
+    """A target's plan part and its "pulling" result are derived again after a crash (every
+    DISPATCH carries the part): accepting a dispatch waits for no disk flush. The plan
+    itself still does."""
+    work = PlanWork("w", "pull", "IfNotPresent", 1, ("0123456789abcdef",))
+    part = PlanPart("p", "n", work)
+    pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1))
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.apply(Persist((part, pulling)))
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        store.apply(Persist((_plan("q"),)))
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with SqliteStore(tmp_path / "s.db") as store:
+        records = store.load().records
+    assert part in records and pulling in records
 
 
 def test_rows_that_no_longer_decode_are_skipped_not_fatal(tmp_path: Path) -> None:
