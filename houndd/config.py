@@ -48,7 +48,10 @@ class Config:
 
     # --- identity and placement (scripts and operators depend on these names) ---
     node_name: str = _doc("this node's name (default: hostname)", default="")
-    state_dir: str = _doc("keys and the SQLite store", default_factory=_default_state_dir)
+    state_dir: str = _doc(
+        "keys, the SQLite store, the blob cache, the peers last seen alive (peers.json)",
+        default_factory=_default_state_dir,
+    )
     bind: str = _doc("address for HTTP (TCP) and gossip (UDP)", default="0.0.0.0")
     port: int = _doc("port for HTTP (TCP) and gossip (UDP)", default=DEFAULT_PORT)
     advertise: str = _doc(

@@ -35,6 +35,7 @@ from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.service import CoordinatorService
 from houndd.coordinator.store import SqliteStore
 from houndd.discovery import Discovery, default_route_address
+from houndd.discovery.remembered import PEERS_FILE, PeerMemory
 from houndd.discovery.seeds import parse_seed
 from houndd.errors import ConfigError, HounddError, KeyFileError, WireError
 from houndd.image.credentials import RegistryAuth
@@ -261,6 +262,7 @@ class Daemon:
         self.labels: Labels
         self.cluster_keys: ClusterKeyring
         self.discovery: Discovery
+        self.peer_memory: PeerMemory
         self.engine: Engine
         self.executor: Executor
         self.registry: RegistryClient
@@ -322,14 +324,23 @@ class Daemon:
         self.membership = Membership(config, self.bus, local, rng=self._rng)
         self.labels = Labels(config, self.bus, self.membership)
         self.cluster_keys = ClusterKeyring(config, self.bus, self.membership, keyring)
+        me = self.wire.node_id
+        self.peer_memory = PeerMemory(
+            config.state_path / PEERS_FILE,
+            lambda: [(m.host, m.port) for m in self.membership.alive() if m.node_id != me],
+        )
+        self.membership.subscribe(
+            lambda _member, old, new: self.peer_memory.changed() if old != new else None
+        )
         self.discovery = Discovery(
             config,
-            self.wire.node_id,
+            me,
             identity.fingerprint,
             self.transport.port,
             self.membership.add_candidate,
             advertise_host=host,
             rng=self._rng,
+            remembered=self.peer_memory.loaded,
         )
         self.registry = RegistryClient(
             aiohttp.ClientSession,
@@ -449,7 +460,15 @@ class Daemon:
         self._shutdown_done = True
         if self._runner is not None:
             await self._runner.cleanup()
-        for closer in ("discovery", "blobs", "service", "transport", "engine", "registry"):
+        for closer in (
+            "discovery",
+            "peer_memory",
+            "blobs",
+            "service",
+            "transport",
+            "engine",
+            "registry",
+        ):
             part = getattr(self, closer, None)
             if part is not None:
                 with contextlib.suppress(Exception):

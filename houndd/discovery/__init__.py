@@ -1,6 +1,7 @@
 """Discovery: candidate peer addresses from static seeds and mDNS.
 
-Candidates are hints. `Discovery` hands them to `on_candidate` (the daemon wires it to
+Candidates are hints: seeds, mDNS and, in the first rounds after a start, the peers this node
+last saw alive (`remembered.py`). `Discovery` hands them to `on_candidate` (the daemon wires it to
 `Membership.add_candidate`), again every `join_retry_s` with jitter so a seed that was down at
 boot is joined once it comes up; membership ignores candidates it already knows as alive. A
 round in which `on_candidate` said of every candidate that there was nothing to do (it
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import zeroconf
 
@@ -24,12 +25,15 @@ from houndd.discovery.mdns import MdnsDiscovery, default_route_address
 from houndd.discovery.seeds import resolve_seeds
 from houndd.membership.member import Address
 
-__all__ = ["Discovery", "default_route_address"]
+__all__ = ["REMEMBERED_ROUNDS", "Discovery", "default_route_address"]
 
 log = logging.getLogger("houndd.discovery")
 
 OFFER_IDLE_MAX_S = 30.0
 """The longest pause between offer rounds once every candidate is an alive member."""
+REMEMBERED_ROUNDS = 5
+"""Remembered peers (`remembered.py`) are offered in this many rounds after a start, seeds and
+mDNS in every round: a member that left for good should not be tried for ever."""
 
 
 class Discovery:
@@ -46,8 +50,10 @@ class Discovery:
         *,
         advertise_host: str | None = None,
         rng: random.Random | None = None,
+        remembered: Sequence[Address] = (),
     ) -> None:
         self._config = config
+        self._remembered = list(remembered)
         self._node_id = node_id
         self._fingerprint = fingerprint
         self._port = port
@@ -102,8 +108,12 @@ class Discovery:
 
     async def _offer_loop(self) -> None:
         pause = self._config.join_retry_s
+        rounds = 0
         while True:
             candidates = await resolve_seeds(self._config.seeds) if self._config.seeds else []
+            if rounds < REMEMBERED_ROUNDS:
+                candidates.extend(a for a in self._remembered if a not in candidates)
+            rounds += 1
             if self._mdns is not None:
                 candidates.extend(self._mdns.found.values())
             useful = [self._on_candidate(address) is not False for address in candidates]

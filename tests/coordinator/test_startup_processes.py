@@ -8,6 +8,9 @@ the moment it answers: no term may ever show two coordinators.
 
 from __future__ import annotations
 
+import json
+import signal
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -65,5 +68,69 @@ def test_daemons_started_together_never_show_two_coordinators_in_one_term(
         assert len(set(last.values())) == 1, f"no agreement in {START_DEADLINE_S} s: {last}"
         ((coordinator, _),) = set(last.values())
         assert coordinator is not None
+    finally:
+        cluster.close()
+
+
+def test_a_restarted_node_without_seeds_rejoins_its_peers_instead_of_electing_itself(
+    tmp_path: Path,
+) -> None:
+    """The first node of a static-seed cluster has no seeds (the others seed to it) and here
+    no mDNS. Restarted, it could find nobody; its join window ended, it elected itself alone
+    and coordinated a term of its own beside the cluster's coordinator until the others'
+    seed retry (30 s here) found it, and a contest moved the cluster to a new term. Now it
+    offers the peers it last saw alive (`state_dir/peers.json`) and simply rejoins."""
+    slow_retry = {"join_retry_s": 30.0}
+    cluster = LocalCluster(tmp_path)
+    first = cluster.add("r1", extra=slow_retry)
+    seed = [f"127.0.0.1:{first.port}"]
+    for name in ("r2", "r3"):
+        cluster.add(name, seeds=seed, extra=slow_retry)
+    names = ["r1", "r2", "r3"]
+    try:
+        cluster.start("r1")
+        cluster.wait_ready("r1")  # r2 and r3 join through it
+        for name in ("r2", "r3"):
+            cluster.start(name)
+        cluster.wait_for(
+            lambda: (
+                all(set(cluster.members(n).values()) == {"alive"} for n in names)
+                and all(len(cluster.members(n)) == len(names) for n in names)
+            ),
+            20,
+            "membership",
+        )
+        peers = first.state_dir / "peers.json"
+        others = {("127.0.0.1", cluster.nodes[n].port) for n in ("r2", "r3")}
+        cluster.wait_for(
+            lambda: {tuple(a) for a in json.loads(peers.read_text())} == others,
+            15,
+            "r1 remembering its peers",
+        )
+        assert stat.S_IMODE(peers.stat().st_mode) == 0o600
+
+        cluster.signal("r1", signal.SIGKILL)
+        assert cluster.nodes["r1"].proc is not None
+        cluster.nodes["r1"].proc.wait(10)
+        survivors = ["r2", "r3"]
+
+        def agreed() -> tuple[str | None, int] | None:
+            views = {cluster.coordinator(n) for n in survivors}
+            (view,) = views if len(views) == 1 else (None,)
+            return view if view and view[0] not in (None, "r1") else None
+
+        before = cluster.wait_for(agreed, 20, "the survivors agreeing on a coordinator")
+        log_offset = len(cluster.nodes["r1"].log())
+        cluster.start("r1")
+        cluster.wait_ready("r1")
+        # Past r1's join window and a few heartbeats: everyone still sees the same coordinator
+        # in the same term, r1 included, and r1 never stood for election alone.
+        cluster.wait_for(lambda: cluster.coordinator("r1") == before, 10, "r1 following")
+        time.sleep(3.0)
+        for name in names:
+            assert cluster.coordinator(name) == before, name
+        after_restart = cluster.nodes["r1"].log()[log_offset:]
+        assert "electorate=1" not in after_restart, after_restart[-3000:]
+        assert "became coordinator" not in after_restart, after_restart[-3000:]
     finally:
         cluster.close()
