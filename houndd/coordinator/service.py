@@ -11,6 +11,7 @@ The daemon builds this once and calls it; each part can be built on its own in t
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -29,6 +30,8 @@ from houndd.membership.bus import Bus
 from houndd.membership.service import Membership
 from houndd.metrics import Metrics
 from houndd.wire.keyring import Keyring
+
+log = logging.getLogger("houndd.coordinator")
 
 
 class CoordinatorService:
@@ -79,6 +82,10 @@ class CoordinatorService:
 
     async def run(self) -> None:
         """Run the core until cancelled."""
+        try:
+            await self.submission.start()
+        except OSError as e:  # a parse starts it again, and says so if it cannot
+            log.warning("plan parser did not start error=%s", e)
         await self.runtime.run()
 
     async def close(self) -> None:

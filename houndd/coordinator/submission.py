@@ -144,6 +144,10 @@ class Submission:
         self._parser = PlanParser(config.plan_parse_timeout_s)
         bus.register(MsgType.PLAN_FORWARD, self._on_forward)
 
+    async def start(self) -> None:
+        """Start the plan parser's child process (else the first plan waits for it)."""
+        await self._parser.start()
+
     async def close(self) -> None:
         """Stop the plan parser's child process."""
         await self._parser.close()

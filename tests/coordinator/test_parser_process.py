@@ -77,3 +77,17 @@ async def test_a_parse_over_budget_is_refused_and_the_next_one_gets_a_fresh_chil
     finally:
         await parser.close()
         await parser.close()  # idempotent
+
+
+async def test_a_started_parser_answers_the_first_plan_from_the_child_it_started(
+    parser: PlanParser,
+) -> None:
+    """`start()` runs the child before any plan comes: the first plan after a daemon starts
+    does not wait for a Python start (about 0.1-0.3 s, twice for a forwarded plan)."""
+    await parser.start()
+    await parser.start()  # idempotent: still the one child
+    child = parser._proc
+    assert child is not None and child.returncode is None
+    spec = await parser.parse(PLAN.encode())
+    assert spec.name == "web"
+    assert parser._proc is child
