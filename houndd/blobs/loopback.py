@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -318,6 +318,16 @@ class LoopbackRegistry:
         finally:
             await stream.aclose()
         return resp
+
+    def prefetch(self, session: LoopbackSession, short_ids: Iterable[str]) -> None:
+        """dockerd said it will download these layers (Docker's short ids: the first 12 hex
+        digits of the digest): fetch them now. dockerd downloads three blobs at a time over
+        all its pulls, so the layers of the second and third image of a plan would otherwise
+        wait for its slots, and the registry's link would carry one image after another."""
+        wanted = set(short_ids)
+        for digest, size in session.layers:
+            if digest.removeprefix("sha256:")[:12] in wanted:
+                self._fetcher.prefetch(BlobWant(session.ctx, digest, size), tally=session.tally)
 
     def _prefetch_after(self, session: LoopbackSession, digest: str) -> None:
         """dockerd asks only for layers it lacks, and it tells layers apart by chain (a layer

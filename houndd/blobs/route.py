@@ -9,6 +9,10 @@ exactly as a direct `docker pull` of its digest leaves it.
 3. Remove the loopback name, so nothing rewritten stays visible. The executor then tags
    `<repository>:<tag>` as it does for any pull.
 
+dockerd downloads three blobs at a time over all its pulls; as soon as its progress names the
+layers it lacks ("Pulling fs layer", "Waiting"), houndd fetches them all
+(`LoopbackRegistry.prefetch`), so a plan's images arrive together instead of one after another.
+
 Progress carries where the blobs came from (`ByteSources`: registry, peers, this node's cache,
 from the session's `SourceTally`), the last report once every blob is counted.
 
@@ -84,9 +88,13 @@ class LoopbackRoute:
             await self._engine.pull(origin, auth=auth, progress=progress)
             return
         last = PullProgress(0, 0, 0, 0)
+        asked: set[str] = set()
 
         def relay(p: PullProgress) -> None:
             nonlocal last
+            if not p.fetching <= asked:
+                self._loopback.prefetch(session, p.fetching - asked)
+                asked.update(p.fetching)
             last = replace(p, sources=_sources(session.tally))
             progress(last)
 

@@ -81,6 +81,8 @@ _AIODOCKER_CONNECT_FAILED = 900
 _PULL_DONE_PREFIXES = ("Status: Downloaded newer image", "Status: Image is up to date")
 _LAYER_DONE = frozenset({"Pull complete", "Already exists"})
 _DOWNLOADED = frozenset({"Download complete", "Verifying Checksum", "Extracting"})
+_WILL_FETCH = frozenset({"Pulling fs layer", "Waiting"})
+"""dockerd lacks the layer and queued its download (at most three run at once)."""
 
 
 def classify_pull_error(message: str) -> PullError:
@@ -114,6 +116,7 @@ class _LayerProgress:
         self.current: dict[str, int] = {}
         self.layers: set[str] = set()
         self.done: set[str] = set()
+        self.fetching: set[str] = set()
 
     def feed(self, item: dict[str, Any]) -> bool:
         """Account one stream item; True if the aggregate changed."""
@@ -123,6 +126,8 @@ class _LayerProgress:
             return False
         detail = item.get("progressDetail") or {}
         self.layers.add(layer)
+        if status in _WILL_FETCH:
+            self.fetching.add(layer)
         if status == "Downloading" and isinstance(detail, dict):
             total = int(detail.get("total") or 0)
             if total > 0:
@@ -143,6 +148,7 @@ class _LayerProgress:
             bytes_total=total,
             layers_done=len(self.done),
             layers_total=len(self.layers),
+            fetching=frozenset(self.fetching),
         )
 
 

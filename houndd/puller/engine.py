@@ -45,7 +45,9 @@ class PullProgress:
 
     `bytes_total` grows as the engine learns layer sizes; it is 0 until the first is known.
     `sources` says where the bytes came from when a `PullRoute` carried them; None for a
-    direct engine pull, whose every byte came from the registry.
+    direct engine pull, whose every byte came from the registry. `fetching` names the layers
+    the engine said it will download (it lacks them), by the short id Docker shows: the first
+    12 hex digits of the blob's sha256; a route may fetch them ahead of the engine.
     """
 
     bytes_done: int
@@ -53,6 +55,7 @@ class PullProgress:
     layers_done: int
     layers_total: int
     sources: ByteSources | None = None
+    fetching: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

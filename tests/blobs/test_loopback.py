@@ -217,3 +217,18 @@ async def test_asking_for_a_layer_fetches_the_layers_above_it_ahead(loop: Loop) 
     await eventually(lambda: all(d in loop.rig.cache for d in above), timeout_s=30)
     # dockerd already has the layer below (it did not ask): it is never fetched
     assert _digest(layers[0]) not in {d for _, d, _ in loop.rig.transfers.requests}
+
+
+async def test_layers_dockerd_says_it_lacks_are_fetched_ahead(loop: Loop) -> None:
+    """dockerd names the layers it will download in its progress (short ids) before its three
+    download slots reach them; those are fetched at once, and no other."""
+    layers = [os.urandom(20_000) for _ in range(4)]
+    image = loop.image(*layers)
+    session = loop.session(image)
+    async with loop.http.get(loop.url(session, "manifests", image)) as resp:
+        assert resp.status == 200
+    wanted = [_digest(layers[1]), _digest(layers[3])]
+    loop.registry.prefetch(session, [d.removeprefix("sha256:")[:12] for d in wanted])
+    await eventually(lambda: all(d in loop.rig.cache for d in wanted), timeout_s=30)
+    requested = {d for _, d, _ in loop.rig.transfers.requests}
+    assert _digest(layers[0]) not in requested and _digest(layers[2]) not in requested

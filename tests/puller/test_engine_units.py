@@ -79,11 +79,27 @@ def test_layer_progress_aggregates_per_layer() -> None:
     ]
     snapshots = [agg.snapshot() for item in stream if agg.feed(item)]
     assert snapshots[-1] == PullProgress(
-        bytes_done=110, bytes_total=400, layers_done=1, layers_total=2
+        bytes_done=110,
+        bytes_total=400,
+        layers_done=1,
+        layers_total=2,
+        fetching=frozenset({"l1", "l2"}),
     )
     agg.feed({"status": "Already exists", "id": "l2"})
-    assert agg.snapshot() == PullProgress(400, 400, 2, 2)
+    assert agg.snapshot() == PullProgress(400, 400, 2, 2, fetching=frozenset({"l1", "l2"}))
     assert agg.feed({"status": "Digest: sha256:abc"}) is False
+
+
+def test_layer_progress_names_the_layers_dockerd_will_download() -> None:
+    agg = _LayerProgress()
+    for status, layer in [
+        ("Already exists", "base"),
+        ("Pulling fs layer", "l1"),
+        ("Pulling fs layer", "l2"),
+        ("Waiting", "l3"),
+    ]:
+        agg.feed({"status": status, "id": layer, "progressDetail": {}})
+    assert agg.snapshot().fetching == {"l1", "l2", "l3"}  # not the one it has
 
 
 def test_registry_auth_repr_hides_password() -> None:
