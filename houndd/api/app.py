@@ -44,7 +44,8 @@ SSE_WRITE_PIECE = 64 * 1024
 """An event batch is written in pieces of this size, so a reader that does not read holds at
 most about two pieces in our buffers (aiohttp waits for the socket beyond 64 KiB)."""
 SSE_WRITE_TIMEOUT_S = 30.0
-"""A reader that takes longer than this to accept one piece is gone: its stream is closed."""
+"""A reader that takes longer than this to accept one batch of events is gone: its stream is
+closed."""
 
 
 class NodeApi(Protocol):
@@ -325,7 +326,10 @@ async def plan_events(request: web.Request) -> web.StreamResponse:
         while chunk is not None:
             await _write_pieces(resp, chunk)
             try:
-                chunk = await asyncio.wait_for(anext(events), SSE_KEEPALIVE_S)
+                # asyncio.timeout, not wait_for: wait_for starts a task per call, and with a
+                # thousand readers that was a large part of the coordinator's time.
+                async with asyncio.timeout(SSE_KEEPALIVE_S):
+                    chunk = await anext(events)
             except TimeoutError:
                 chunk = b": keepalive\n\n"
             except StopAsyncIteration:
@@ -342,10 +346,11 @@ async def plan_events(request: web.Request) -> web.StreamResponse:
 
 async def _write_pieces(resp: web.StreamResponse, chunk: bytes) -> None:
     # Slices of one shared batch: no reader gets a copy of what it has not been sent yet.
+    # One deadline for the batch (a timer per piece and reader cost more than the writes).
     view = memoryview(chunk)
-    for start in range(0, len(view), SSE_WRITE_PIECE):
-        piece = view[start : start + SSE_WRITE_PIECE]
-        await asyncio.wait_for(resp.write(piece), SSE_WRITE_TIMEOUT_S)
+    async with asyncio.timeout(SSE_WRITE_TIMEOUT_S):
+        for start in range(0, len(view), SSE_WRITE_PIECE):
+            await resp.write(view[start : start + SSE_WRITE_PIECE])
 
 
 async def peer(request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ from houndd.coordinator.records import (
     Record,
     ResultRecord,
 )
-from houndd.coordinator.results import ItemResult, merge
+from houndd.coordinator.results import UNKNOWN_RESULT, ItemResult, merge
 
 log = logging.getLogger("houndd.coordinator")
 
@@ -171,7 +171,7 @@ class ReplicaState:
         """The merged result (pending at attempt 0 if nothing is known)."""
         st = self._plans.get(plan_id)
         found = None if st is None else st.results.get((node_id, image))
-        return found if found is not None else ItemResult()
+        return found if found is not None else UNKNOWN_RESULT
 
     def results(self, plan_id: str) -> dict[tuple[str, str], ItemResult]:
         """(node, image) -> result for every item of a held plan (pending when unknown); for
@@ -182,7 +182,7 @@ class ReplicaState:
         if st.record is None:
             return dict(st.results)
         return {
-            (i.node_id, i.image): st.results.get((i.node_id, i.image), ItemResult())
+            (i.node_id, i.image): st.results.get((i.node_id, i.image), UNKNOWN_RESULT)
             for i in st.record.items
         }
 

@@ -138,6 +138,12 @@ class ItemResult:
         return schema.decode(cls, d)
 
 
+UNKNOWN_RESULT = ItemResult()
+"""The result of an item nothing is known of yet (pending). One shared, immutable instance:
+plan views and the plan list read every item's result, and building a fresh one for each
+pending item was a visible part of a coordinator's time under many readers."""
+
+
 def merge(a: ItemResult, b: ItemResult) -> ItemResult:
     """Join of two results: commutative, associative, idempotent."""
     return a if a.sort_key() >= b.sort_key() else b

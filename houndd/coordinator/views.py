@@ -29,7 +29,7 @@ from typing import Any
 from houndd.coordinator.dispatch import DispatchRuntime
 from houndd.coordinator.messages import MAX_LISTED_PLANS, PlanList, PlanListReply, PlanSummary
 from houndd.coordinator.records import PlanRecord
-from houndd.coordinator.results import ItemResult, ItemState
+from houndd.coordinator.results import UNKNOWN_RESULT, ItemState
 from houndd.errors import NO_SPACE, HounddError
 from houndd.membership.bus import Message
 from houndd.membership.member import MemberState
@@ -238,7 +238,7 @@ class PlanViews:
         timeout_s = self._runtime.config.node_return_timeout_s
         rows: list[Row] = []
         for it in rec.items:
-            res = results.get((it.node_id, it.image), ItemResult())
+            res = results.get((it.node_id, it.image), UNKNOWN_RESULT)
             member = self._membership.get(it.node_id)
             state = member.state if member is not None else None
             key = (it.node_id, it.image)
