@@ -178,15 +178,21 @@ def test_sigstop_coordinator_is_fenced_and_steps_down(
     time.sleep(4.0)  # past the plan's item timeout: the paused scheduler will want to act
 
     fenced_before = sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
+    log_offset = len(cluster.nodes[coordinator].log())
     cluster.signal(coordinator, signal.SIGCONT)
-    cluster.wait_for(
-        lambda: (
-            sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
-            > fenced_before
-        ),
-        10,
-        "the resumed coordinator's stale messages refused by term",
-    )
+
+    def fenced_or_told() -> str | None:
+        # Either its stale messages (heartbeats, the scheduler's timeouts) reach a survivor
+        # first and are refused by term, or the new coordinator's heartbeat, queued in its
+        # socket while it was paused, reaches it first and it steps down without acting:
+        # which of the two comes first is the kernel's and the event loop's order.
+        fenced = sum(metric(cluster, n, "houndd_fenced_refusals_total") for n in survivors)
+        if fenced > fenced_before:
+            return "fenced"
+        resumed = cluster.nodes[coordinator].log()[log_offset:]
+        return "told" if f"coordinates term {new_term}" in resumed else None
+
+    cluster.wait_for(fenced_or_told, 10, "the resumed coordinator fenced or told of the new term")
     cluster.wait_for(
         lambda: cluster.coordinator(coordinator) == (new, cluster.coordinator(new)[1]),
         10,

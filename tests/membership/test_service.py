@@ -298,7 +298,8 @@ async def test_graceful_leave_is_seen_as_left(tmp_path: Path) -> None:
 
 async def first_vote_request(sender: Node, receiver: Node, *, both_ways: bool = False) -> list[int]:
     """Record the terms of the VOTE_REQUESTs `receiver` (and, `both_ways`, `sender`) gets;
-    send the first one, which carries the sender's certificate in full. Returns the terms."""
+    send the first one (it carries the sender's certificate in full unless a SWIM datagram
+    already did). Returns the terms."""
     got: list[int] = []
 
     async def handler(msg: Message) -> None:
@@ -320,14 +321,15 @@ async def test_a_receiver_that_lost_our_certificate_gets_it_again(tmp_path: Path
     async with cluster(tmp_path, 2) as nodes:
         sender, receiver = nodes
         got = await first_vote_request(sender, receiver)
-        small = sender.bus.sent_bytes["VOTE_REQUEST"]
         receiver.wire.peers = PeerKeys()  # as after a restart: no certificate held
         await sender.bus.send(receiver.id, VoteRequest(2, sender.id))  # a reference: refused
         await eventually(
             lambda: sender.bus.sent["VOTE_REQUEST"] == 2 and receiver.bus.sent["CERT_NEEDED"] >= 1,
             what="the receiver asked for the certificate",
         )
-        assert sender.bus.sent_bytes["VOTE_REQUEST"] - small < small  # the 2nd named it
+        # The 2nd only named the certificate (it was refused: `2 not in got` below). Its size
+        # proves nothing: SWIM's first datagrams may have carried the certificate before the
+        # first VOTE_REQUEST did, and then both were references.
         assert receiver.wire.refused["cert_unknown"] >= 1
         await eventually(
             lambda: receiver.address not in sender.wire._cert_sent,
