@@ -84,7 +84,7 @@ class CoordinatorService:
         """Run the core until cancelled."""
         try:
             await self.submission.start()
-        except OSError as e:  # a parse starts it again, and says so if it cannot
+        except (OSError, TimeoutError) as e:  # a parse starts it again, or says why not
             log.warning("plan parser did not start error=%s", e)
         await self.runtime.run()
 

@@ -39,7 +39,10 @@ async def test_wall_clock_steps_mid_plan_neither_elect_nor_time_out(tmp_path: Pa
             "targets": [{"images": ["registry.local/a:1", "registry.local/b:1"], "all": True}],
             "policy": {"timeout": "30m", "per_node_parallelism": 2},
         }
-        accepted = await nodes[1].service.submit(json.dumps(body).encode(), "application/json")
+        # Bounded: this await once hung until pytest's 300 s timeout (twice in many runs, cause
+        # not found); a timeout here fails fast, and its traceback shows where it waited.
+        async with asyncio.timeout(60):
+            accepted = await nodes[1].service.submit(json.dumps(body).encode(), "application/json")
         plan_id = accepted.plan_id
         views = nodes[1].service.views
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from houndd.coordinator.plan import parse_plan
+from houndd.coordinator.plan import parse_plan, parser_process
 from houndd.coordinator.plan.parser_process import PlanParser
 from houndd.errors import PlanError
 
@@ -91,3 +91,18 @@ async def test_a_started_parser_answers_the_first_plan_from_the_child_it_started
     spec = await parser.parse(PLAN.encode())
     assert spec.name == "web"
     assert parser._proc is child
+
+
+async def test_a_parse_that_cannot_get_the_parser_fails_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waiting for the parser, for a child to start or for a killed one to be reaped is
+    bounded too: a submission gets a clear error instead of waiting for ever."""
+    monkeypatch.setattr(parser_process, "CHILD_GRACE_S", 0.2)
+    parser = PlanParser(budget_s=0.3)
+    try:
+        async with parser._lock:  # as if a stuck parse held the parser
+            with pytest.raises(PlanError, match="did not answer in time"):
+                await parser.parse(PLAN.encode())
+    finally:
+        await parser.close()

@@ -45,6 +45,9 @@ scalars) peaks near 200 MiB; the cap only stops what no plan needs."""
 MAX_REPLY_BYTES = 64 << 20
 """A parsed plan is bounded by its caps (20,000 images, 20,000 node names); its JSON is a few
 MiB at most."""
+CHILD_GRACE_S = 10.0
+"""Beyond the parse budget: the longest a parse waits for the parser to be free, for a child
+to start or for a killed child to be reaped."""
 _REQUEST = struct.Struct("!IB")
 _REPLY = struct.Struct("!I")
 _FORMAT_CODES: dict[PlanFormat | None, int] = {None: 0, "yaml": 1, "json": 2}
@@ -65,8 +68,19 @@ class PlanParser:
         including a parse that outlasts the budget."""
         if len(body) > MAX_DOCUMENT_BYTES:
             raise PlanError("document", f"larger than {MAX_DOCUMENT_BYTES} bytes")
-        async with self._lock:
-            raw = await self._exchange(body, fmt)
+        try:
+            # Every wait is bounded: the exchange by the budget, and the queue for the
+            # parser, starting a child and stopping one by this outer deadline, so a child
+            # that never starts or never dies cannot hold a submission for ever.
+            async with asyncio.timeout(self._budget_s + CHILD_GRACE_S):
+                async with self._lock:
+                    raw = await self._exchange(body, fmt)
+        except TimeoutError:
+            log.warning("plan parser did not answer bytes=%d", len(body))
+            self._proc = None  # forget it: the next parse starts a fresh child
+            raise PlanError(
+                "document", "the plan parser did not answer in time; retry the submission"
+            ) from None
         reply = json.loads(raw)
         if "error" in reply:
             field, reason = reply["error"]
@@ -76,8 +90,9 @@ class PlanParser:
     async def start(self) -> None:
         """Start the child now rather than on the first parse: a Python start (0.1-0.3 s) is
         otherwise paid by the first plan after the daemon starts, twice when it is forwarded
-        (the receiving node and the coordinator each parse). Idempotent."""
-        async with self._lock:
+        (the receiving node and the coordinator each parse). Idempotent; TimeoutError if the
+        child could not be started within CHILD_GRACE_S."""
+        async with asyncio.timeout(CHILD_GRACE_S), self._lock:
             await self._child()
 
     async def close(self) -> None:
@@ -126,7 +141,9 @@ class PlanParser:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CHILD_GRACE_S):
+                await proc.wait()
 
 
 # --- the child ---------------------------------------------------------------------------------
