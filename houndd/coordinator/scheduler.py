@@ -237,6 +237,11 @@ class _Node:
         self.queued_bytes -= sum(i.size for i in taken)
         return taken
 
+    def discard(self, item: _Item) -> None:
+        """Take a queued item out of the queue (it ended without being dispatched)."""
+        self.queue.remove(item)
+        self.queued_bytes -= item.size
+
     def clear(self) -> list[_Item]:
         items, self.queue, self.queued_bytes = self.queue, [], 0
         return items
@@ -534,8 +539,7 @@ class Scheduler:
         if not ok:
             return []
         node = self._nodes[item.node]
-        node.queue.remove(item)
-        node.queued_bytes -= item.size
+        node.discard(item)
         if not node.dead:
             self._heard_from(node)
         self._refresh(node)

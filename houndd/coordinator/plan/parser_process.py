@@ -77,7 +77,12 @@ class PlanParser:
                     raw = await self._exchange(body, fmt)
         except TimeoutError:
             log.warning("plan parser did not answer bytes=%d", len(body))
-            self._proc = None  # forget it: the next parse starts a fresh child
+            # Kill it without waiting (reaping it is what may hang); the next parse starts a
+            # fresh child.
+            proc, self._proc = self._proc, None
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             raise PlanError(
                 "document", "the plan parser did not answer in time; retry the submission"
             ) from None
