@@ -163,7 +163,8 @@ class DispatchRuntime:
                     if delay > 0:
                         self._asleep_until = mono() + delay
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), delay)
+                            async with asyncio.timeout(delay):
+                                await self._wake.wait()
                     self._asleep_until = -math.inf
                     self._wake.clear()
                     await self.bus.guard(self._tick(), "coordinator tick")
@@ -201,7 +202,8 @@ class DispatchRuntime:
     async def wait_change(change: asyncio.Event, timeout_s: float) -> None:
         """Return once `change` (from `next_change`) is set, or after `timeout_s`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(change.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await change.wait()
 
     def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Run `coro` in the runtime's task group, guarded (closed if not running)."""
@@ -229,7 +231,8 @@ class DispatchRuntime:
         fut: asyncio.Future[AckClient] = asyncio.get_running_loop().create_future()
         await self.apply(self.core.submit(plan_id, document, items, self.clocks.mono(), fut))
         self.wake()
-        return await asyncio.wait_for(fut, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await fut
 
     async def cancel(self, plan_id: str) -> None:
         """Cancel a plan from this node; in-flight local pulls stop."""

@@ -92,7 +92,8 @@ class KeepPresent:
         while True:
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await self._kick.wait()
             if self._kick.is_set():
                 await asyncio.sleep(min(SETTLE_S, interval))
             self._kick.clear()

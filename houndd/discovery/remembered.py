@@ -16,7 +16,6 @@ ignored with a warning: remembered peers are a hint, never a reason not to start
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -91,8 +90,8 @@ class PeerMemory:
         """Cancel a pending write (the file keeps what it had)."""
         if self._pending is not None:
             self._pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pending
+            # asyncio.wait: a cancellation of close() itself still propagates
+            await asyncio.wait([self._pending])
 
     async def _save_later(self) -> None:
         await asyncio.sleep(self._delay_s)

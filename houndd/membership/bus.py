@@ -26,7 +26,7 @@ from houndd.config import Config
 from houndd.errors import HounddError, WireError
 from houndd.membership.member import Address
 from houndd.membership.messages import CertNeeded, ErrorReply, Receipt
-from houndd.membership.transport import PeerError, RemoteError, Transport
+from houndd.membership.transport import PeerError, PeerTimeout, RemoteError, Transport
 from houndd.wire.codec import Envelope
 from houndd.wire.payloads import decode_payload, encode_payload, msg_type_of
 from houndd.wire.types import CertUnknown, MsgType
@@ -238,7 +238,11 @@ class Bus:
             raise PeerError(f"peer {peer}: the request could not be encoded; see the log")
         self._count(payload, len(data))
         if address == self._transport.local_address:
-            raw = await asyncio.wait_for(self._on_request(data, address), timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    raw = await self._on_request(data, address)
+            except TimeoutError:
+                raise PeerTimeout(f"peer {peer} (this node) did not answer in {timeout}s") from None
         else:
             raw = await self._transport.request(address, data, timeout)
         try:

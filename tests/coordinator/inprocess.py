@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -105,6 +107,23 @@ def build(
     return Node(f"n{i}", bus, membership, service, executor, address)
 
 
+TASK_DUMP_AFTER_S = 240.0
+"""Before pytest's own timeout (300 s): a cluster still up this long prints every task's
+stack, so a hang names the await it is stuck in."""
+
+
+STOP_S = 30.0
+"""How long the nodes of a cluster get to stop once cancelled."""
+
+
+def dump_tasks(why: str) -> None:
+    """Every asyncio task of the running loop with its stack, to stderr."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=out)
+    sys.stderr.write(f"--- asyncio tasks: {why} ---\n{out.getvalue()}")
+
+
 @contextlib.asynccontextmanager
 async def cluster(tmp: Path, n: int = 3, **kw: Any) -> AsyncIterator[list[Node]]:
     """`n` nodes built with `kw`, running and joined to the first."""
@@ -112,6 +131,9 @@ async def cluster(tmp: Path, n: int = 3, **kw: Any) -> AsyncIterator[list[Node]]
     key = Keyring.generate().primary
     nodes = [build(i, net, key, tmp, **kw) for i in range(n)]
     tasks = [asyncio.create_task(node.run()) for node in nodes]
+    watchdog = asyncio.get_running_loop().call_later(
+        TASK_DUMP_AFTER_S, dump_tasks, f"the cluster is still up after {TASK_DUMP_AFTER_S:g} s"
+    )
     try:
         for node in nodes[1:]:
             assert await node.membership.join([nodes[0].address]) == 1
@@ -119,13 +141,20 @@ async def cluster(tmp: Path, n: int = 3, **kw: Any) -> AsyncIterator[list[Node]]
     finally:
         for t in tasks:
             t.cancel()
-        # Bounded: a node that does not stop fails the test instead of hanging the suite.
-        async with asyncio.timeout(30):
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+        # Bounded, and by asyncio.wait, which never swallows a cancellation of its own: a
+        # node that does not stop fails the test with every task's stack.
+        _, running = await asyncio.wait(tasks, timeout=STOP_S)
+        if running:
+            dump_tasks(f"nodes still running {STOP_S:g} s after they were cancelled")
+        async with asyncio.timeout(STOP_S):
             for node in nodes:
                 await node.service.close()  # the plan parser's child process
+        watchdog.cancel()
+        assert not running, f"{len(running)} of {n} nodes did not stop within {STOP_S:g} s"
+        for t in tasks:
+            error = None if t.cancelled() else t.exception()
+            if error is not None:
+                raise error
 
 
 async def until(cond: Callable[[], object], within_s: float, what: str) -> None:
