@@ -135,6 +135,9 @@ class CountingEngine:
     async def info(self) -> EngineInfo:
         return await self._engine.info()
 
+    async def free_disk(self) -> int | None:
+        return await self._engine.free_disk()
+
     async def has_image(self, ref: str) -> str | None:
         return await self._engine.has_image(ref)
 
@@ -193,7 +196,7 @@ class LocalPuller:
         return await self._engine.has_image(ref)
 
     async def free_disk_bytes(self) -> int | None:
-        return (await self._engine.info()).free_disk_bytes
+        return await self._engine.free_disk()
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")

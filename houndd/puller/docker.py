@@ -165,6 +165,7 @@ class DockerEngine:
         self.docker_host = docker_host
         self._docker_config_path = docker_config_path
         self._docker: aiodocker.Docker | None = None
+        self._root: str | None = None  # DockerRootDir, as dockerd last reported it
 
     def _error(self, e: aiodocker.DockerError, *, classify: bool = False) -> PullError:
         # aiodocker reports "cannot connect to the engine" as a DockerError with status 900.
@@ -185,14 +186,23 @@ class DockerEngine:
             raise EngineUnavailableError(f"{self.docker_host}: {e}") from None
         except aiodocker.DockerError as e:
             raise self._error(e) from None
+        self._root = str(data.get("DockerRootDir", ""))
         return EngineInfo(
             server_version=str(data.get("ServerVersion", "")),
             kernel=str(data.get("KernelVersion", "")),
             os=str(data.get("OperatingSystem", "")),
-            free_disk_bytes=self._free_disk(str(data.get("DockerRootDir", ""))),
+            free_disk_bytes=self._free_disk(self._root),
             images=int(data.get("Images", 0)),
             registry_trust=RegistryTrust.from_docker_info(data),
         )
+
+    async def free_disk(self) -> int | None:
+        """See `Engine.free_disk`: statvfs of the root dir dockerd last reported. `/info`
+        walks dockerd's state (10 ms idle, tens of ms on a busy host), so it is asked only
+        until it has answered once; every `info()` (the daemon's engine refresh) updates it."""
+        if self._root is None:
+            await self.info()
+        return self._free_disk(self._root or "")
 
     def _free_disk(self, root: str) -> int | None:
         # Only meaningful when dockerd's disk is ours: a local socket and a visible root dir.

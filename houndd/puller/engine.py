@@ -73,6 +73,11 @@ class Engine(Protocol):
         """Versions, free disk and image count."""
         ...
 
+    async def free_disk(self) -> int | None:
+        """Free bytes on the engine's disk, as `info().free_disk_bytes` (None when that disk
+        is not local to this process), but cheap: every plan's admission asks each target."""
+        ...
+
     async def has_image(self, ref: str) -> str | None:
         """The digest of the local image `ref` (`repo:tag` or `repo@digest`) if present.
 

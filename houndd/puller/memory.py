@@ -184,6 +184,11 @@ class FakeEngine:
             images=len(self._local),
         )
 
+    async def free_disk(self) -> int | None:
+        """See `Engine.free_disk`."""
+        self._check_open()
+        return self.free_disk_bytes
+
     async def has_image(self, ref: str) -> str | None:
         """See `Engine.has_image`."""
         self._check_open()

@@ -150,6 +150,19 @@ async def test_info_describes_engine(backend: Backend) -> None:
     assert info.free_disk_bytes is None or info.free_disk_bytes > 0
 
 
+async def test_free_disk_is_the_free_disk_info_reports(backend: Backend) -> None:
+    before = await backend.engine.free_disk()  # before any info(): asks the engine itself
+    info = await backend.engine.info()
+    after = await backend.engine.free_disk()
+    if info.free_disk_bytes is None:
+        assert before is None and after is None
+        return
+    assert before is not None and after is not None
+    # the same disk: other writers may move it a little between the calls
+    assert abs(after - info.free_disk_bytes) <= 256 * MB
+    assert abs(before - info.free_disk_bytes) <= 256 * MB
+
+
 async def test_close_is_idempotent(backend: Backend) -> None:
     await backend.engine.info()
     await backend.engine.close()
