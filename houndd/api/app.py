@@ -334,9 +334,8 @@ async def plan_events(request: web.Request) -> web.StreamResponse:
                 chunk = b": keepalive\n\n"
             except StopAsyncIteration:
                 chunk = None
-    except (ConnectionResetError, asyncio.CancelledError):
-        # the client went away; the stream is ours to end
-        pass
+    except ConnectionResetError:
+        pass  # the client went away; the stream is ours to end (a cancellation propagates)
     except TimeoutError:
         log.info("event stream reader too slow; closed remote=%s", request.remote)
     finally:
