@@ -11,6 +11,7 @@ The daemon builds this once and calls it; each part can be built on its own in t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncGenerator
@@ -81,12 +82,17 @@ class CoordinatorService:
         self.runtime.start()
 
     async def run(self) -> None:
-        """Run the core until cancelled."""
+        """Run the core until cancelled; the plan parser's child starts beside it, so a slow
+        start (up to its 10 s bound) never holds back heartbeats or an election."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._start_parser())
+            await self.runtime.run()
+
+    async def _start_parser(self) -> None:
         try:
             await self.submission.start()
         except (OSError, TimeoutError) as e:  # a parse starts it again, or says why not
             log.warning("plan parser did not start error=%s", e)
-        await self.runtime.run()
 
     async def close(self) -> None:
         """Stop what runs outside the task group (the plan parser's child process)."""
