@@ -275,12 +275,15 @@ class Dispatch:
 @message(MsgType.DISPATCH_REPLY)
 @dataclass(frozen=True, slots=True)
 class DispatchReply:
-    """Worker -> coordinator: accepted, or refused with a reason (fenced, unknown plan)."""
+    """Worker -> coordinator: accepted, or refused with a reason (fenced, unknown plan).
+    `results`: the worker's results of the dispatched items as it accepted them (pulling, or
+    done/pulling already for a repeated dispatch), so no RESULTS message has to follow."""
 
     plan_id: PlanId
     node: NodeId
     accepted: bool
     reason: ShortText
+    results: ResultList = ()
 
 
 @message(MsgType.ABORT)

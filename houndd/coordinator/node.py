@@ -352,7 +352,8 @@ class NodeCore:
         return self.worker.on_dispatch(sender, p, now)
 
     def _h_dispatch_reply(self, sender: str, p: DispatchReply, now: float) -> list[Action]:
-        return self.coordinating.on_dispatch_reply(sender, p, now)
+        out = self._h_results(sender, Results(p.results), now) if p.results else []
+        return out + self.coordinating.on_dispatch_reply(sender, p, now)
 
     def _h_abort(self, sender: str, p: AbortItems, now: float) -> list[Action]:
         return self.worker.on_abort(sender, p, now)

@@ -27,7 +27,7 @@ from houndd.coordinator.messages import (
     Reply,
 )
 from houndd.coordinator.node_state import NodeState
-from houndd.coordinator.records import PlanPart, Record
+from houndd.coordinator.records import PlanPart, Record, ResultRecord
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.scheduler import DispatchItem
 
@@ -44,6 +44,25 @@ class ExecutorReport:
     plan_id: str
     image: str
     result: ItemResult
+
+
+START_SLACK_S = 1.0
+"""A pull that starts within this long of its acceptance started as it was accepted."""
+
+
+def _no_news(own: ItemResult, report: ItemResult) -> bool:
+    """True for the executor's start report of a pull that began as its dispatch was
+    accepted: the record the dispatch wrote already says "pulling" (with its start time), so
+    persisting and sending it again would cost every node on the path and tell nothing. A
+    pull that waited for a free slot longer than `START_SLACK_S` is reported: its start
+    time is news."""
+    if report.state is not ItemState.PULLING or own.state is not ItemState.PULLING:
+        return False
+    if report.attempt != own.attempt or report.bytes_done or report.bytes_total:
+        return False
+    if own.started_at is None or report.started_at is None:
+        return False
+    return report.started_at - own.started_at < START_SLACK_S
 
 
 class WorkerRole:
@@ -107,9 +126,14 @@ class WorkerRole:
             out.append(Persist(tuple(changed)))
         if to_run:
             out.append(Execute(pid, tuple(to_run), msg.work, msg.peers))
-        out.extend(self._report(changed, now))
-        if not local:
-            out.append(Reply(DispatchReply(pid, st.node_id, True, "")))
+        if local:
+            out.extend(self._report(changed, now))
+        else:
+            # The reply carries the results: one message back instead of two (the coordinator
+            # reads them as a RESULTS message from us); a lost reply is a failed dispatch,
+            # sent again, and answered again from the dedupe above.
+            results = tuple(r for r in changed if isinstance(r, ResultRecord))
+            out.append(Reply(DispatchReply(pid, st.node_id, True, "", results)))
         return out
 
     def on_abort(self, sender: str, msg: AbortItems, now: float) -> list[Action]:
@@ -137,6 +161,9 @@ class WorkerRole:
         result = dataclasses.replace(report.result, attempt=max(attempt, report.result.attempt))
         if result.state in (ItemState.DONE, ItemState.FAILED, ItemState.CANCELLED):
             del self.running[key]
+        own = self._state.replica.result(report.plan_id, self._state.node_id, report.image)
+        if _no_news(own, result):
+            return []
         changed = self._state.replica.put_result(
             report.plan_id, self._state.node_id, report.image, result
         )

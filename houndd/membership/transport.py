@@ -10,7 +10,6 @@ per-source token bucket, so a flood costs us a dictionary lookup, not a SecretBo
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -23,6 +22,7 @@ import aiohttp
 from houndd.config import Config
 from houndd.errors import HounddError
 from houndd.membership.member import Address
+from houndd.names import is_ip_address
 from houndd.wire.fields import host_problem
 
 log = logging.getLogger("houndd.membership")
@@ -292,11 +292,8 @@ class UdpHttpTransport:
         loop, blocking it as long as DNS takes, so names are resolved here, off the loop, with
         a timeout and a bounded cache."""
         host, port = to
-        try:
-            ipaddress.ip_address(host)
+        if is_ip_address(host):
             return to
-        except ValueError:
-            pass
         now = self._clock()
         cached = self._resolved.get(host)
         if cached is not None and cached[1] > now:

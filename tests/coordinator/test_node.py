@@ -40,6 +40,7 @@ from houndd.coordinator.records import (
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.scheduler import DispatchItem
 from houndd.coordinator.store import PersistedState
+from houndd.coordinator.worker_role import START_SLACK_S
 
 CFG = local(plan_replicas=2)
 DOC = PlanDocument(
@@ -167,6 +168,43 @@ def test_a_target_runs_its_items_from_the_dispatch_alone() -> None:
     assert w.replica.plan("p") is None and w.replica.part("p") == PlanPart("p", "b", WORK)
     assert PlanPart("p", "b", WORK) in of(acts, Persist)[0].records
     assert of(acts, Reply)[0].payload.accepted
+
+
+def test_the_dispatch_reply_carries_the_accepted_results() -> None:
+    core = coordinator()
+    acts = core.submit("p", DOC, ITEMS, 1.0, "client")
+    (request,) = [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
+    w = NodeCore("b", CFG, random.Random(1), 0.0)
+    w.receive("a", Heartbeat(core.term, "a"), 1.0)
+    acts = w.receive("a", request.payload, 1.01)
+    # One message back: the reply holds what a RESULTS message used to carry.
+    assert not [m for m in of(acts, Send) + of(acts, Request) if isinstance(m.payload, Results)]
+    (reply,) = of(acts, Reply)
+    assert [(r.node_id, r.image, r.result.state) for r in reply.payload.results] == [
+        ("b", "x:1", ItemState.PULLING)
+    ]
+    assert core.replica.result("p", "b", "x:1").state is not ItemState.PULLING
+    core.response(request.token, "b", reply.payload, 1.02)
+    assert core.replica.result("p", "b", "x:1").state is ItemState.PULLING
+
+
+def test_a_pull_that_starts_as_it_is_accepted_is_not_reported_twice() -> None:
+    w = _worker_with_plan()
+    w.receive("a", _dispatch(), 0.2)
+    accepted = w.replica.result("p", "b", "x:1")
+    assert accepted.state is ItemState.PULLING and accepted.started_at == 0.2
+    start = ItemResult(ItemState.PULLING, 1, "sha256:1", started_at=0.21)
+    assert w.executor_report(ExecutorReport("p", "x:1", start), 0.21) == []
+    assert w.replica.result("p", "b", "x:1") == accepted
+    # Bytes are news; so is a start long after the acceptance (it waited for a slot).
+    moving = ItemResult(ItemState.PULLING, 1, "sha256:1", 5, 10, started_at=0.21)
+    acts = w.executor_report(ExecutorReport("p", "x:1", moving), 0.25)
+    assert of(acts, Persist) and [s for s in of(acts, Send) if isinstance(s.payload, Results)]
+    w2 = _worker_with_plan()
+    w2.receive("a", _dispatch(), 0.2)
+    queued = ItemResult(ItemState.PULLING, 1, "sha256:1", started_at=0.2 + START_SLACK_S + 0.1)
+    acts = w2.executor_report(ExecutorReport("p", "x:1", queued), 0.3)
+    assert of(acts, Persist) and [s for s in of(acts, Send) if isinstance(s.payload, Results)]
 
 
 def test_a_committed_dispatch_outranks_a_tombstone_a_tentative_one_does_not() -> None:
