@@ -1,9 +1,10 @@
 """`DispatchRuntime`: the async shell that runs a node's `NodeCore`.
 
 It moves bytes and time: peer messages from the bus become `NodeCore.receive` events, the
-core's actions become sealed datagrams, requests, store writes (durable before any later
-action of the same batch) and calls into this node's executor (`LocalExecutor`, the worker
-adaptor), whose reports flow back as core events. Nothing a peer sends, and no failure of a
+core's actions become sealed datagrams, requests, store writes (on the store's own thread;
+every write that must be durable is on disk before any later message leaves the node) and
+calls into this node's executor (`LocalExecutor`, the worker adaptor), whose reports flow back
+as core events. Nothing a peer sends, and no failure of a
 reply or of the core itself, stops the loop: it is counted, logged once, and dropped.
 
 Time: every timer runs on the monotonic clock, which is the `now` the core gets; the wall clock
@@ -21,6 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,10 @@ class DispatchRuntime:
         self._tg: asyncio.TaskGroup | None = None
         self._dispatch_sent: dict[tuple[str, str], float] = {}
         self._plan_listeners: list[Callable[[PlanRecord], None]] = []
+        # fsyncs run here, off the loop: one at a time, each covers every commit before it.
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="houndd-fsync")
+        self._flushing: asyncio.Future[None] | None = None
+        """The flush of the last commit that must be on disk before anything leaves."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -279,35 +285,76 @@ class DispatchRuntime:
     # --- core plumbing ---------------------------------------------------------------------
 
     async def apply(self, actions: Iterable[Action]) -> Reply | None:
-        """Carry out actions in order; Persist is durable before anything after it."""
+        """Carry out actions in order. A Persist is committed at once; one that must be on
+        disk (`Store.commit` says so) is flushed on the fsync thread, and is flushed before
+        any later action of `actions`. No message leaves the node (Send, Request, Reply,
+        AckClient) before every such commit so far, a concurrent call's too, is flushed.
+        Nothing waits for a commit that is derived again after a crash, and local effects
+        (Execute, AbortLocal) do not wait for another call's flush: the loop goes on with
+        other messages while the disk works."""
         reply: Reply | None = None
+        own: asyncio.Future[None] | None = None
         for action in actions:
             if isinstance(action, Persist):
-                self.store.apply(action)
+                if self.store.commit(action):
+                    self._flushing = own = self._flush()
                 self._notify_change(action)
-            elif isinstance(action, Send):
-                if isinstance(action.payload, Fenced):
-                    self.metrics.fenced.inc()
-                with contextlib.suppress(HounddError):
-                    await self.bus.send(action.node_id, action.payload)
-            elif isinstance(action, Request):
-                if isinstance(action.payload, Dispatch):
-                    sent_key = (action.payload.plan_id, action.node_id)
-                    self._dispatch_sent[sent_key] = self.clocks.mono()
-                self.spawn(self._request(action), f"reply to {action.msg_type.name}")
             elif isinstance(action, Reply):
+                await self._flushed()
                 reply = action
-            elif isinstance(action, Execute):
-                self._execute(action)
-            elif isinstance(action, AbortLocal):
-                self.local.abort(action.plan_id, list(action.images))
-            elif isinstance(action, AckClient):
-                fut = action.client_ref
-                if isinstance(fut, asyncio.Future) and not fut.done():
-                    fut.set_result(action)
+            elif isinstance(action, Send | Request | AckClient):
+                await self._flushed()
+                await self._send(action)
+            else:
+                if own is not None:
+                    await asyncio.shield(own)
+                self._act_locally(action)
         if self._core is not None:
             self.metrics.term.set(self._core.term)
         return reply
+
+    async def _send(self, action: Send | Request | AckClient) -> None:
+        if isinstance(action, Send):
+            if isinstance(action.payload, Fenced):
+                self.metrics.fenced.inc()
+            with contextlib.suppress(HounddError):
+                await self.bus.send(action.node_id, action.payload)
+        elif isinstance(action, Request):
+            if isinstance(action.payload, Dispatch):
+                sent_key = (action.payload.plan_id, action.node_id)
+                self._dispatch_sent[sent_key] = self.clocks.mono()
+            self.spawn(self._request(action), f"reply to {action.msg_type.name}")
+        else:
+            fut = action.client_ref
+            if isinstance(fut, asyncio.Future) and not fut.done():
+                fut.set_result(action)
+
+    def _act_locally(self, action: Action) -> None:
+        if isinstance(action, Execute):
+            self._execute(action)
+        elif isinstance(action, AbortLocal):
+            self.local.abort(action.plan_id, list(action.images))
+
+    async def _flushed(self) -> None:
+        """Return once the last write that must be on disk is (raise its error if it
+        failed: what waited for it is not sent)."""
+        pending = self._flushing
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)  # a cancelled waiter must not cancel the write
+        finally:
+            if self._flushing is pending and pending.done():
+                self._flushing = None
+
+    def _flush(self) -> asyncio.Future[None]:
+        flushed = asyncio.get_running_loop().run_in_executor(self._flusher, self.store.flush)
+        flushed.add_done_callback(_log_failed_flush)
+        return flushed
+
+    async def close(self) -> None:
+        """Finish the flushes started so far (before the store is closed)."""
+        await asyncio.to_thread(self._flusher.shutdown, wait=True)
 
     async def _apply_and_wake(self, actions: list[Action]) -> None:
         await self.apply(actions)
@@ -406,3 +453,11 @@ class DispatchRuntime:
             mine = replica.node_results(pid, self.node_id)
             if replica.cancelled(pid) or all(r.result.is_final for r in mine):
                 self.local.forget(pid)
+
+
+def _log_failed_flush(flushed: asyncio.Future[None]) -> None:
+    if flushed.cancelled():
+        return
+    error = flushed.exception()
+    if error is not None:
+        log.error("store flush failed error=%s: %s", type(error).__name__, error)

@@ -13,7 +13,7 @@ from houndd.coordinator.records import (
     Record,
     ResultRecord,
 )
-from houndd.coordinator.store import PersistedState
+from houndd.coordinator.store import PersistedState, must_flush
 
 
 class MemoryStore:
@@ -53,6 +53,14 @@ class MemoryStore:
                 self.results[(rec.plan_id, rec.node_id, rec.image)] = rec
             else:
                 raise TypeError(f"cannot persist {type(rec).__name__}")
+
+    def commit(self, action: Persist) -> bool:
+        """See `Store.commit` (memory is as durable as it gets here)."""
+        self.apply(action)
+        return must_flush(action)
+
+    def flush(self) -> None:
+        """See `Store.flush`: nothing to do."""
 
     def load(self) -> PersistedState:
         """The state a restarted node gets."""

@@ -2,8 +2,8 @@
 
 Records arrive with PLAN_PUT (fenced: only from the coordinator), PLAN_ABORT, CANCEL, RESULTS,
 SYNC_ITEMS and PLAN_GET_REPLY; whatever changes the replica is persisted (`Persist`, durable
-before any later action) and handed to `OnChanges`, which lets the roles react (a coordinator
-starts a new plan, a worker stops a cancelled one).
+before any later action, progress excepted) and handed to `OnChanges`, which lets the roles
+react (a coordinator starts a new plan, a worker stops a cancelled one).
 
 Anti-entropy goes to the coordinator, the one node that holds every plan, and only when there
 is something to settle, so a cluster at rest exchanges nothing but a sweep now and then:

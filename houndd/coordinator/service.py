@@ -95,8 +95,10 @@ class CoordinatorService:
             log.warning("plan parser did not start error=%s", e)
 
     async def close(self) -> None:
-        """Stop what runs outside the task group (the plan parser's child process)."""
+        """Stop what runs outside the task group (the plan parser's child process, the
+        store's writer thread once its queued writes are done)."""
         await self.submission.close()
+        await self.runtime.close()
 
     def discovery_round_done(self) -> None:
         """Discovery ran once: the election's join window starts now."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from houndd.coordinator.records import (
 from houndd.coordinator.results import ItemResult, ItemState
 from houndd.coordinator.sealed import seal_credentials, unseal_credentials
 from houndd.coordinator.store import SqliteStore, Store
+from houndd.errors import HounddError
 from houndd.wire import Keyring
 
 Reopen = Callable[[], Store]
@@ -69,6 +72,18 @@ def test_every_record_round_trips(stores: tuple[Store, Reopen]) -> None:
     assert _plan("p") in state.records and _plan("q") in state.records
     assert CancelRecord("p", 3.0) in state.records
     assert ResultRecord("p", "a", "x:1", res) in state.records
+
+
+def test_commit_says_when_a_flush_is_due_and_keeps_the_records(
+    stores: tuple[Store, Reopen],
+) -> None:
+    store, reopen = stores
+    pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1))
+    assert store.commit(Persist((pulling,))) is False  # progress: derived again
+    assert store.commit(Persist((_plan("p"),))) is True  # a plan: flush before acting on it
+    store.flush()
+    records = reopen().load().records
+    assert pulling in records and _plan("p") in records
 
 
 def test_committed_wins_and_an_abort_removes_the_plan_with_its_records(
@@ -129,27 +144,53 @@ def test_restarted_core_keeps_term_vote_and_fencing(stores: tuple[Store, Reopen]
 # --- SQLite only ---------------------------------------------------------------------------
 
 
-def test_wal_and_full_sync(tmp_path: Path) -> None:
+class _Fsyncs:
+    """Counts fsyncs of one store's WAL file (the real fsync still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, wal: Path) -> None:
+        self.count = 0
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.path.samestat(os.fstat(fd), os.stat(wal)):
+                self.count += 1
+            real(fd)
+
+        monkeypatch.setattr("houndd.coordinator.store.os.fsync", fsync)
+
+
+def test_wal_mode_and_a_flush_is_an_fsync_of_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with SqliteStore(tmp_path / "h.db") as store:
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        # NORMAL: commits are not synced by SQLite; `flush` syncs the WAL itself.
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+        fsyncs = _Fsyncs(monkeypatch, tmp_path / "h.db-wal")
+        store.flush()
+        assert fsyncs.count == 1
 
 
-def test_progress_commits_skip_the_fsync_outcomes_do_not(tmp_path: Path) -> None:
+def test_progress_commits_skip_the_fsync_outcomes_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with SqliteStore(tmp_path / "s.db") as store:
-
-        def mode() -> int:
-            return int(store.db.execute("PRAGMA synchronous").fetchone()[0])
-
+        fsyncs = _Fsyncs(monkeypatch, tmp_path / "s.db-wal")
         pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1, bytes_done=5))
         store.apply(Persist((pulling,)))
-        assert mode() == 1  # NORMAL
+        assert fsyncs.count == 0
         done = ResultRecord("p", "n", "x:1", ItemResult(ItemState.DONE, 1, bytes_done=9))
         store.apply(Persist((done,)))
-        assert mode() == 2  # FULL
+        assert fsyncs.count == 1
+        # commit() leaves the flush to the caller and says whether one is due
+        assert store.commit(Persist((pulling,))) is False
+        assert store.commit(Persist((_plan("q"),))) is True
+        assert fsyncs.count == 1
 
 
-def test_a_dispatch_acceptance_skips_the_fsync_and_survives_a_reopen(tmp_path: Path) -> None:
+def test_a_dispatch_acceptance_skips_the_fsync_and_survives_a_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A target's plan part and its "pulling" result are derived again after a crash (every
     DISPATCH carries the part): accepting a dispatch waits for no disk flush. The plan
     itself still does."""
@@ -157,13 +198,32 @@ def test_a_dispatch_acceptance_skips_the_fsync_and_survives_a_reopen(tmp_path: P
     part = PlanPart("p", "n", work)
     pulling = ResultRecord("p", "n", "x:1", ItemResult(ItemState.PULLING, 1))
     with SqliteStore(tmp_path / "s.db") as store:
+        fsyncs = _Fsyncs(monkeypatch, tmp_path / "s.db-wal")
         store.apply(Persist((part, pulling)))
-        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert fsyncs.count == 0
         store.apply(Persist((_plan("q"),)))
-        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert fsyncs.count == 1
     with SqliteStore(tmp_path / "s.db") as store:
         records = store.load().records
     assert part in records and pulling in records
+
+
+def test_a_flush_on_another_thread_while_commits_go_on_loses_nothing(tmp_path: Path) -> None:
+    """The daemon flushes on a thread of its own while its loop commits the next records."""
+    with SqliteStore(tmp_path / "s.db") as store:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            flushes = []
+            for i in range(200):
+                store.commit(Persist((_plan(f"p{i}"),)))
+                flushes.append(pool.submit(store.flush))
+            for f in flushes:
+                f.result()
+        store.close()
+        with pytest.raises(HounddError, match="closed"):
+            store.flush()
+    with SqliteStore(tmp_path / "s.db") as store:
+        plans = {r.plan_id for r in store.load().records if isinstance(r, PlanRecord)}
+    assert plans == {f"p{i}" for i in range(200)}
 
 
 def test_rows_that_no_longer_decode_are_skipped_not_fatal(tmp_path: Path) -> None:
