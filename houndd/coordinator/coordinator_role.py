@@ -387,12 +387,17 @@ class CoordinatorRole:
     def fan_out(self, changed: Iterable[Record], now: float) -> None:
         """Queue outcomes for every member. Sending each result to each member at once costs
         N messages per result, N^2 per plan; a batch per FANOUT_DELAY_S costs N per batch.
-        Progress is left to anti-entropy."""
+        The outcome that ends a plan goes at once: a client waiting for the plan is told by
+        a holder, so a batch's delay would be added to every plan's end. Progress is left to
+        anti-entropy."""
+        due = now + FANOUT_DELAY_S
         for r in changed:
             if isinstance(r, ResultRecord) and r.result.is_final:
                 self._fanout[(r.plan_id, r.node_id, r.image)] = r
-        if self._fanout and self._fanout_at is None:
-            self._fanout_at = now + FANOUT_DELAY_S
+                if not self._state.replica.is_open(r.plan_id):
+                    due = now
+        if self._fanout and (self._fanout_at is None or due < self._fanout_at):
+            self._fanout_at = due
 
     def feed(self, changed: Iterable[Record], now: float) -> list[Action]:
         """Turn merged result changes into scheduler events."""

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 from houndd.config import Config, local
+from houndd.coordinator.coordinator_role import FANOUT_DELAY_S
 from houndd.coordinator.election import Role
 from houndd.coordinator.messages import (
     AckClient,
@@ -205,6 +206,31 @@ def test_a_pull_that_starts_as_it_is_accepted_is_not_reported_twice() -> None:
     queued = ItemResult(ItemState.PULLING, 1, "sha256:1", started_at=0.2 + START_SLACK_S + 0.1)
     acts = w2.executor_report(ExecutorReport("p", "x:1", queued), 0.3)
     assert of(acts, Persist) and [s for s in of(acts, Send) if isinstance(s.payload, Results)]
+
+
+def test_outcomes_are_batched_but_the_one_that_ends_a_plan_goes_at_once() -> None:
+    core = coordinator()
+    acts = core.submit("p", DOC, ITEMS, 1.0, "client")
+    (put,) = [r for r in of(acts, Request) if isinstance(r.payload, PlanPut)]
+    (dispatch,) = [r for r in of(acts, Request) if isinstance(r.payload, Dispatch)]
+    core.response(put.token, "b", PlanAck("p", "b", True), 1.01)
+    core.response(dispatch.token, "b", DispatchReply("p", "b", True, ""), 1.02)
+
+    def fanned(acts: list[Action]) -> list[str]:
+        return [
+            e.node_id
+            for s in of(acts, Send)
+            if isinstance(s.payload, Results) and s.node_id == "b"
+            for e in s.payload.entries
+        ]
+
+    done = ItemResult(ItemState.DONE, 1, "sha256:1", 10, 10)
+    core.receive("b", Results((ResultRecord("p", "b", "x:1", done),)), 1.1)
+    assert not fanned(core.tick(1.1))  # one item of two: it waits for the batch
+    assert fanned(core.tick(1.1 + FANOUT_DELAY_S)) == ["b"]
+    acts = core.executor_report(ExecutorReport("p", "x:1", done), 1.2)
+    assert core.next_wakeup() <= 1.2  # the last outcome: no batch delay
+    assert fanned(acts + core.tick(1.2)) == ["a"]
 
 
 def test_a_committed_dispatch_outranks_a_tombstone_a_tentative_one_does_not() -> None:
