@@ -1,13 +1,13 @@
 """The durable state of a node's core: the `Store` protocol and its SQLite implementation.
 
-`NodeCore` emits `Persist(records)` actions; the shell has `Store.apply(action)` (one
-transaction, durable on return) run on the `StoreWriter` thread and waits for it before it
-carries out any later action of the batch or sends anything (not for what `must_flush`
-exempts), and `Store.load()`
-rebuilds the core after a restart. `SqliteStore` keeps one file (stdlib sqlite3, WAL,
-`PRAGMA synchronous=FULL`, `NORMAL` for what is derived again after a crash): election
-term/vote and fencing record, plans, plan parts (a target's work of a plan it does not hold),
-cancels, abort tombstones and results.
+`NodeCore` emits `Persist(records)` actions. The daemon's shell commits each at once
+(`Store.commit`, one transaction) and, for a commit that `must_flush`, runs `Store.flush` (an
+fsync) on a thread of its own; it carries out no later action of the batch, and sends
+nothing, before that flush is done. `Store.apply` is both in one call (durable on return), for
+the simulator and tests. `Store.load()` rebuilds the core after a restart. `SqliteStore`
+keeps one file (stdlib sqlite3, WAL, `PRAGMA synchronous=NORMAL` plus an fsync of the WAL for
+what must survive a crash of the machine): election term/vote and fencing record, plans, plan
+parts (a target's work of a plan it does not hold), cancels, abort tombstones and results.
 `MemoryStore` (`coordinator/memory.py`) is the in-memory fake the simulator uses; one
 conformance suite runs against both.
 
@@ -127,8 +127,8 @@ def _rederived(rec: object) -> bool:
 
 
 class SqliteStore:
-    """The durable state of one node in SQLite. Not thread-safe: one caller at a time (the
-    daemon's `StoreWriter` thread, once it runs)."""
+    """The durable state of one node in SQLite. Not thread-safe, except `flush`, which may
+    run on another thread while the owner commits."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
