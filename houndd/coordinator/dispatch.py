@@ -1,11 +1,11 @@
 """`DispatchRuntime`: the async shell that runs a node's `NodeCore`.
 
 It moves bytes and time: peer messages from the bus become `NodeCore.receive` events, the
-core's actions become sealed datagrams, requests, store writes (on the store's own thread;
-every write that must be durable is on disk before any later message leaves the node) and
-calls into this node's executor (`LocalExecutor`, the worker adaptor), whose reports flow back
-as core events. Nothing a peer sends, and no failure of a
-reply or of the core itself, stops the loop: it is counted, logged once, and dropped.
+core's actions become sealed datagrams, requests, store commits (a commit that must be durable
+is flushed by an fsync on a thread of its own, and is on disk before any later message leaves
+the node) and calls into this node's executor (`LocalExecutor`, the worker adaptor), whose
+reports flow back as core events. Nothing a peer sends, and no failure of a reply or of the
+core itself, stops the loop: it is counted, logged once, and dropped.
 
 Time: every timer runs on the monotonic clock, which is the `now` the core gets; the wall clock
 only stamps what leaves the process or is persisted (plan acceptance, cancel and result times,

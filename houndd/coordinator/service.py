@@ -97,8 +97,10 @@ class CoordinatorService:
     async def close(self) -> None:
         """Stop what runs outside the task group (the plan parser's child process, the
         store's writer thread once its queued writes are done)."""
-        await self.submission.close()
-        await self.runtime.close()
+        try:
+            await self.submission.close()
+        finally:
+            await self.runtime.close()  # before the daemon closes the store
 
     def discovery_round_done(self) -> None:
         """Discovery ran once: the election's join window starts now."""

@@ -114,13 +114,12 @@ def _rederived(rec: object) -> bool:
     target's `PlanPart`, which every DISPATCH carries (the coordinator and the replicas hold
     the plan). Plans, votes, fencing, cancels and outcomes wait for it (G1, G3).
 
-    Such a write is committed without a flush, and nothing waits for one: what a crash of
-    the process loses of it (none: the commit is in the WAL file) or a crash of the machine
-    loses (the last commits) is derived again,
-    from the worker's next report or the next DISPATCH, and a crash of the machine is the
-    node's death to SWIM, so the coordinator dispatches its items again. Accepting a
-    dispatch thus waits for no disk flush: with ten daemons on one disk that write took
-    2-16 ms with an fsync, 0.2-0.3 ms without."""
+    Such a write is committed without a flush, and nothing waits for one. A crash of the
+    process loses none of it (the commit is in the WAL file); a crash of the machine may lose
+    the last commits, which are derived again from the worker's next report or the next
+    DISPATCH, and that crash is the node's death to SWIM, so the coordinator dispatches its
+    items again. Accepting a dispatch thus waits for no disk flush: with ten daemons on one
+    disk that write took 2-16 ms with an fsync, 0.2-0.3 ms without."""
     if isinstance(rec, ResultRecord):
         return not rec.result.is_final
     return isinstance(rec, PlanPart)
