@@ -95,8 +95,8 @@ class CoordinatorService:
             log.warning("plan parser did not start error=%s", e)
 
     async def close(self) -> None:
-        """Stop what runs outside the task group (the plan parser's child process, the
-        store's writer thread once its queued writes are done)."""
+        """Stop what runs outside the task group (the plan parser's child process, and the
+        runtime's fsync thread once the flushes it was given are done)."""
         try:
             await self.submission.close()
         finally:
